@@ -1,0 +1,245 @@
+"""The mathematics of DDPM (Ho, Jain & Abbeel 2020), Sections 2-3 and Appendix A.
+
+Read this file beside the paper: every function names the equation it implements.
+It knows nothing of neural networks: the model is any callable eps_model(x_t, t)
+that returns a tensor shaped like x_t (an estimate of the noise epsilon).
+
+Time convention. Public functions take the PAPER's t in {1, ..., T}: x_0 is data,
+x_T is (almost) pure noise, and t = 1 is the last reverse step. Every table below
+is indexed by that t directly, with an entry for t = 0 (alpha_bar_0 = 1) so that
+alpha_bar[t - 1] needs no special case. The authors' code uses 0-based steps
+i = t - 1 in {0, ..., T-1}: their `alphas_cumprod[i]` is our `alpha_bar[t]`, and
+their networks were fed i. Only unet.py's pretrained loader needs to know that.
+
+Constants are computed in float64 (as the authors did, "for accuracy") and
+converted to the data's dtype and device when they are gathered.
+"""
+import math
+
+import torch
+
+LOG2 = math.log(2.0)
+
+
+def linear_betas(T=1000, beta_1=1e-4, beta_T=0.02):
+    """The paper's linear schedule (Sec. 4): beta_t from 1e-4 to 0.02 over T = 1000.
+
+    For T != 1000 both ends are scaled by 1000 / T (as Nichol & Dhariwal 2021 do),
+    which keeps sum(beta) ~ -log(alpha_bar_T) ~ 10, so x_T stays close to N(0, I)
+    for any T. For T < 50 the scaled beta would exceed 1; it is capped at 0.999 so
+    that it remains a variance.
+    """
+    if T < 1:
+        raise ValueError(f"T must be a positive integer, got {T}")
+    scale = 1000.0 / T
+    betas = torch.linspace(beta_1 * scale, beta_T * scale, T, dtype=torch.float64)
+    return betas.clamp(max=0.999)
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per dimension, in nats.
+
+    The closed form behind Eq. 5 and Eq. 8; it is zero only when both are equal.
+    """
+    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0)
+
+
+def discretized_gaussian_log_likelihood(x0, mean, log_var, levels=256):
+    """log p(x0) per dimension under Eq. 13: N(mean, var) integrated over x0's bin.
+
+    Data take `levels` evenly spaced values in [-1, 1] (256 for 8-bit images,
+    17 for the digits data), so bins are 2 / (levels - 1) wide; the first and
+    last bins extend to -inf and +inf, so the probabilities sum to one.
+    """
+    half_width = 1.0 / (levels - 1)
+    inv_std = torch.exp(-0.5 * log_var)
+    lower = (x0 - half_width - mean) * inv_std
+    upper = (x0 + half_width - mean) * inv_std
+    lower = torch.where(x0 < -1 + half_width, -math.inf, lower)
+    upper = torch.where(x0 > 1 - half_width, math.inf, upper)
+    # log(Phi(upper) - Phi(lower)) without cancellation: mirror the bin so that it
+    # lies mostly left of 0, where Phi is small and its log is accurate.
+    flip = lower > 0
+    lo = torch.where(flip, -upper, lower)
+    hi = torch.where(flip, -lower, upper)
+    log_hi = torch.special.log_ndtr(hi)
+    return log_hi + torch.log(-torch.expm1(torch.special.log_ndtr(lo) - log_hi))
+
+
+class Diffusion:
+    """Schedule constants (Eqs. 2, 4, 7) and the processes built on them.
+
+    betas: float tensor [T] of beta_1..beta_T in (0, 1); defaults to linear_betas().
+    sigma: the reverse-process variance sigma_t^2 of Sec. 3.2, "beta" (sigma^2 =
+      beta_t; the authors' CIFAR-10 sampler) or "beta_tilde" (sigma^2 = beta~_t;
+      their 256x256 samplers). The paper reports "similar results" for both.
+    """
+
+    def __init__(self, betas=None, sigma="beta"):
+        betas = linear_betas() if betas is None else torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) == 0 or not ((betas > 0) & (betas < 1)).all():
+            raise ValueError("betas must be a non-empty 1-D sequence of values in (0, 1)")
+        if sigma not in ("beta", "beta_tilde"):
+            raise ValueError(f"sigma must be 'beta' or 'beta_tilde', got {sigma!r}")
+        self.T, self.sigma = len(betas), sigma
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.beta = torch.cat([zero, betas])                    # beta[0] = 0 is unused
+        self.alpha = 1.0 - self.beta                            # Eq. 4: alpha_t = 1 - beta_t
+        self.alpha_bar = torch.cumprod(self.alpha, dim=0)       # Eq. 4: alpha_bar_0 = 1
+        a_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        # Eq. 7. beta_tilde[1] = 0 exactly: given x_1 and x_0, x_0 is known.
+        self.beta_tilde = (1.0 - a_bar_prev) / (1.0 - self.alpha_bar).clamp(min=1e-300) * self.beta
+        self.beta_tilde[0] = 0.0
+        self.mu_tilde_coef_x0 = a_bar_prev.sqrt() * self.beta / (1.0 - self.alpha_bar).clamp(min=1e-300)
+        self.mu_tilde_coef_xt = self.alpha.sqrt() * (1.0 - a_bar_prev) / (1.0 - self.alpha_bar).clamp(min=1e-300)
+        # log beta_tilde_1 = -inf would poison the t = 1 terms; like the authors we
+        # use beta_tilde_2 there. Only L_0 (the decoder) sees it: no noise is
+        # added at t = 1, so sampling is unaffected.
+        self.log_beta_tilde = torch.log(self.beta_tilde.clamp(min=1e-300))
+        self.log_beta_tilde[1] = torch.log(self.beta_tilde[2]) if self.T > 1 else math.log(self.beta[1])
+        self.sigma2 = self.beta if sigma == "beta" else self.beta_tilde
+        self.log_sigma2 = torch.log(self.beta.clamp(min=1e-300)) if sigma == "beta" else self.log_beta_tilde
+        self._cache = {}
+
+    def gather(self, name, t, x):
+        """Table `name` at timesteps t, cast to x's dtype/device, shaped to broadcast with x."""
+        key = (name, x.dtype, x.device)
+        if key not in self._cache:  # float64 tables cannot go to every device (MPS), so cast first
+            self._cache[key] = getattr(self, name).to(x.dtype).to(x.device)
+        t = torch.as_tensor(t, device=x.device).long().reshape(-1)
+        return self._cache[key][t].reshape(-1, *([1] * (x.ndim - 1)))
+
+    # ---- forward process q (Sec. 2) -------------------------------------------
+    def q_step_sample(self, x_prev, t, noise):
+        """Eq. 2: one forward step, x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."""
+        return self.gather("alpha", t, x_prev).sqrt() * x_prev + self.gather("beta", t, x_prev).sqrt() * noise
+
+    def q_mean_var(self, x0, t):
+        """Eq. 4: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I); returns (mean, var)."""
+        a_bar = self.gather("alpha_bar", t, x0)
+        return a_bar.sqrt() * x0, (1.0 - a_bar).expand_as(x0)
+
+    def q_sample(self, x0, t, noise):
+        """Eq. 4 sampled by reparameterisation: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        a_bar = self.gather("alpha_bar", t, x0)
+        return a_bar.sqrt() * x0 + (1.0 - a_bar).sqrt() * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Eqs. 6-7: q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I); returns (mu_tilde, var, log_var).
+
+        At t = 1 the variance is 0 and log_var is log(beta_tilde_2) (see __init__).
+        """
+        mean = self.gather("mu_tilde_coef_x0", t, xt) * x0 + self.gather("mu_tilde_coef_xt", t, xt) * xt
+        return mean, self.gather("beta_tilde", t, xt).expand_as(xt), self.gather("log_beta_tilde", t, xt).expand_as(xt)
+
+    # ---- reverse process p_theta (Sec. 3.2) -------------------------------------
+    def predict_x0(self, xt, t, eps):
+        """Eq. 15: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        a_bar = self.gather("alpha_bar", t, xt)
+        return (xt - (1.0 - a_bar).sqrt() * eps) / a_bar.sqrt()
+
+    def p_mean_var(self, eps_model, xt, t, clip=False):
+        """Eq. 11: mu_theta(x_t, t) = mu_tilde_t(x_t, x0_hat(eps_theta)); returns (mean, var, log_var, x0_hat).
+
+        Unclipped, this equals (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t),
+        the form in Algorithm 2 (test_math checks it). clip=True clamps x0_hat to
+        [-1, 1] BEFORE forming the mean, as the authors' sampler did.
+        """
+        t = torch.as_tensor(t, device=xt.device).long().reshape(-1).expand(xt.shape[0])
+        x0_hat = self.predict_x0(xt, t, eps_model(xt, t))
+        if clip:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+        mean, _, _ = self.q_posterior(x0_hat, xt, t)
+        var = self.gather("sigma2", t, xt).expand_as(xt)
+        return mean, var, self.gather("log_sigma2", t, xt).expand_as(xt), x0_hat
+
+    def p_sample_step(self, eps_model, xt, t, clip=False, generator=None):
+        """Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at t = 1.
+
+        t is a python int (the whole batch is at one step). Returns (x_{t-1}, x0_hat).
+        """
+        mean, var, _, x0_hat = self.p_mean_var(eps_model, xt, t, clip)
+        if t == 1:  # "At the end of sampling, we display mu_theta(x_1, 1) noiselessly."
+            return mean, x0_hat
+        z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
+        return mean + var.sqrt() * z, x0_hat
+
+    @torch.no_grad()
+    def p_sample_loop(self, eps_model, shape, clip=False, generator=None, device="cpu", callback=None):
+        """Algorithm 2: x_T ~ N(0, I), then t = T, ..., 1; returns x_0.
+
+        generator: a torch.Generator on `device`, for reproducible samples.
+        callback(t, x_t, x0_hat) is called after each step (x_t is x_{t-1}'s input),
+        to record the reverse process for figures.
+        """
+        x = torch.randn(shape, generator=generator, device=device)
+        for t in range(self.T, 0, -1):
+            x_prev, x0_hat = self.p_sample_step(eps_model, x, t, clip, generator)
+            if callback is not None:
+                callback(t, x, x0_hat)
+            x = x_prev
+        return x
+
+    # ---- training (Sec. 3.4) ------------------------------------------------------
+    def training_loss(self, eps_model, x0, t=None, noise=None, generator=None):
+        """Algorithm 1 / Eq. 14: L_simple = ||eps - eps_theta(sqrt(a_bar) x_0 + sqrt(1 - a_bar) eps, t)||^2.
+
+        t ~ Uniform{1..T} and eps ~ N(0, I) unless given. Like the authors, the
+        squared error is averaged over dimensions (not summed): a constant factor.
+        Returns the mean over the batch.
+        """
+        if t is None:
+            t = torch.randint(1, self.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = eps_model(self.q_sample(x0, t, noise), t)
+        return (noise - eps).pow(2).mean()
+
+    def eq12_weight(self, t):
+        """Eq. 12: lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)), float64.
+
+        L_{t-1} = lambda_t ||eps - eps_theta||^2 + C. L_simple sets it to 1.
+        """
+        t = torch.as_tensor(t).long()
+        return self.beta[t] ** 2 / (2 * self.sigma2[t] * self.alpha[t] * (1 - self.alpha_bar[t]))
+
+    # ---- the variational bound (Eq. 5), in bits per dimension ------------------------
+    def prior_bpd(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)), per example, in bits/dim."""
+        mean, var = self.q_mean_var(x0, self.T)
+        kl = normal_kl(mean, torch.log(var), torch.zeros_like(x0), torch.zeros_like(x0))
+        return kl.flatten(1).mean(1) / LOG2
+
+    def vb_term_bpd(self, eps_model, x0, xt, t, levels=256, clip=False):
+        """One term of Eq. 5 at timestep t (int), per example, in bits/dim.
+
+        t > 1: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (Eq. 8, exact).
+        t = 1: L_0 = -log p_theta(x_0 | x_1), the discretised decoder of Eq. 13.
+        """
+        mean, _, log_var, _ = self.p_mean_var(eps_model, xt, t, clip)
+        if t == 1:
+            nats = -discretized_gaussian_log_likelihood(x0, mean, log_var, levels)
+        else:
+            q_mean, _, q_log_var = self.q_posterior(x0, xt, t)
+            nats = normal_kl(q_mean, q_log_var, mean, log_var)
+        return nats.flatten(1).mean(1) / LOG2
+
+    @torch.no_grad()
+    def bound_bpd(self, eps_model, x0, levels=256, clip=False, generator=None, progress=None):
+        """The whole bound of Eq. 5 for a batch: L_T + sum_{t>1} L_{t-1} + L_0, in bits/dim.
+
+        Evaluates all T terms (none skipped), each at one x_t ~ q(x_t | x_0), so
+        the total is an unbiased estimate of the bound for each example.
+        Returns a dict: "total" [B], "prior" (L_T) [B], "terms" [B, T] where
+        terms[:, t-1] is L_{t-1} (terms[:, 0] is the decoder L_0).
+        progress: optional callable wrapping the range of t (e.g. tqdm).
+        """
+        steps = range(self.T, 0, -1)
+        terms = torch.zeros(x0.shape[0], self.T, dtype=x0.dtype, device=x0.device)
+        for t in (progress(steps) if progress else steps):
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            xt = self.q_sample(x0, t, noise)
+            terms[:, t - 1] = self.vb_term_bpd(eps_model, x0, xt, t, levels, clip)
+        prior = self.prior_bpd(x0)
+        return {"total": prior + terms.sum(1), "prior": prior, "terms": terms}
