@@ -215,6 +215,26 @@ def test_true_eps_gives_posterior_mean_and_recovers_x0(betas, data, x0, eps):
     assert mean.item() == pytest.approx(alg2, abs=1e-9)
 
 
+@given(schedules(min_T=2, max_T=50), st.integers(0, 2**31))
+def test_l_simple_is_zero_for_the_true_noise_and_t_is_uniform(betas, seed):
+    """Algorithm 1 / Eq. 14: t ~ U{1..T}; an eps_theta that knows x_0 has zero loss."""
+    d, g = Diffusion(betas), torch.Generator().manual_seed(seed)
+    x0, seen = torch.rand(4000, 2, dtype=F64, generator=g) * 2 - 1, []
+
+    def knows_x0(xt, t):
+        seen.append(t)
+        a_bar = d.gather("alpha_bar", t, xt)
+        return (xt - a_bar.sqrt() * x0) / (1 - a_bar).sqrt()
+
+    assert d.training_loss(knows_x0, x0, generator=g).item() < 1e-20
+    counts = np.bincount(seen[0].numpy(), minlength=len(betas) + 1)
+    assert counts[0] == 0 and counts.sum() == len(x0)
+    assert stats.chisquare(counts[1:]).pvalue > 1e-4
+    noise = torch.randn(x0.shape, generator=g, dtype=F64)
+    loss = d.training_loss(const_eps(0.0), x0, t=torch.ones(len(x0), dtype=torch.long), noise=noise)
+    assert loss.item() == pytest.approx((noise**2).mean().item(), rel=1e-12)
+
+
 # 7. The discretised decoder (Eq. 13) ----------------------------------------------------------
 @given(st.sampled_from([256, 17, 2]), st.floats(-1.5, 1.5), st.floats(-12, 1))
 def test_decoder_is_a_distribution_over_bins(levels, mean, log_var):
