@@ -107,7 +107,8 @@ class Diffusion:
         key = (name, x.dtype, x.device)
         if key not in self._cache:  # float64 tables cannot go to every device (MPS), so cast first
             self._cache[key] = getattr(self, name).to(x.dtype).to(x.device)
-        t = torch.as_tensor(t, device=x.device).long().reshape(-1)
+        # A python int indexes directly: copying it to a GPU first would stall the host.
+        t = t if isinstance(t, int) else torch.as_tensor(t, device=x.device).long().reshape(-1)
         return self._cache[key][t].reshape(-1, *([1] * (x.ndim - 1)))
 
     # ---- forward process q (Sec. 2) -------------------------------------------
@@ -146,7 +147,8 @@ class Diffusion:
         the form in Algorithm 2 (test_math checks it). clip=True clamps x0_hat to
         [-1, 1] BEFORE forming the mean, as the authors' sampler did.
         """
-        t = torch.as_tensor(t, device=xt.device).long().reshape(-1).expand(xt.shape[0])
+        if isinstance(t, int):
+            t = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         x0_hat = self.predict_x0(xt, t, eps_model(xt, t))
         if clip:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
