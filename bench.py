@@ -1,0 +1,165 @@
+"""Benchmarks. `python bench.py` runs every section; `python bench.py unet` just one.
+
+unet: forward+backward images/s of our network against diffusers' UNet2DModel of the same
+configuration (the format of the authors' ported weights), measured side by side in one
+process with the repeats interleaved, so background load hits both alike; medians reported.
+"""
+import argparse
+import ctypes
+import gc
+import os
+import re
+import statistics
+import time
+
+import torch
+
+import unet
+
+# (preset, batch) pairs for the unet section: cifar10 is 6 GMAC per image, so keep its batch small on CPU.
+UNET_CASES = [("cifar10", 8), ("digits", 128)]
+
+
+def warn_if_busy():
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    if load > 0.5 * cores:
+        print(f"  warning: load average {load:.1f} on {cores} cores: other processes compete, timings are noisy")
+
+
+def pick_device(name=None):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # give freed memory back to the OS, so the next peak is this step's own
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's lifetime peak
+
+
+def peak_memory_mb(device):
+    """CUDA: max_memory_allocated. CPU: the process's peak RSS (includes torch itself and every model)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) / 1024
+    except (OSError, TypeError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def diffusers_twin(config):
+    """diffusers.UNet2DModel with the same architecture as unet.UNet(**config), or None without diffusers."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        return None
+    res = [config["image_size"] // 2**i for i in range(len(config["ch_mult"]))]
+    attn = [r in config["attn_resolutions"] for r in res]
+    return UNet2DModel(
+        sample_size=config["image_size"], in_channels=config["in_channels"], out_channels=config["out_channels"],
+        block_out_channels=[config["ch"] * m for m in config["ch_mult"]], layers_per_block=config["num_res_blocks"],
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
+        attention_head_dim=None, dropout=config["dropout"])
+
+
+def fwd_bwd(module, forward, x, t):
+    """One forward+backward pass; `forward` takes the paper's t, as ours does."""
+    module.zero_grad(set_to_none=True)
+    forward(x, t).square().mean().backward()
+
+
+def bench_unet(args):
+    device = pick_device(args.device)
+    print(f"== unet: forward+backward on {device} ({torch.get_num_threads()} threads, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}), median of {args.repeats} interleaved repeats")
+    warn_if_busy()
+    for preset, batch in UNET_CASES:
+        batch = args.batch or batch
+        ours = unet.build(preset).to(device).train()
+        twin = diffusers_twin(ours.config)
+        models = {"ours": (ours, ours)}
+        if twin is not None:
+            twin = twin.to(device).train()
+            models["diffusers"] = (twin, lambda x, t: twin(x, t - 1).sample)  # diffusers: 0-based t
+        cfg = ours.config
+        x = torch.randn(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"], device=device)
+        t = torch.randint(1, cfg["T"] + 1, (batch,), device=device)
+        if args.channels_last:  # NHWC: usually faster on GPUs (cuDNN) and with AMP
+            ours.to(memory_format=torch.channels_last)
+            if twin is not None:
+                twin.to(memory_format=torch.channels_last)
+            x = x.to(memory_format=torch.channels_last)
+
+        memory, warm = {}, time.perf_counter()
+        for name, model in models.items():  # warm up, and measure each model's own peak
+            fwd_bwd(*model, x, t)
+            model[0].zero_grad(set_to_none=True)
+            sync(device)
+            reset_peak_memory(device)
+            before = peak_memory_mb(device)
+            fwd_bwd(*model, x, t)
+            sync(device)
+            memory[name] = (peak_memory_mb(device), peak_memory_mb(device) - before)
+        # Enough passes per repeat that one repeat takes about half a second.
+        passes = max(1, round(0.5 / ((time.perf_counter() - warm) / (2 * len(models)))))
+        times = {name: [] for name in models}
+        for _ in range(args.repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                for _ in range(passes):
+                    fwd_bwd(*model, x, t)
+                sync(device)
+                times[name].append((time.perf_counter() - start) / passes)
+
+        params = sum(p.numel() for p in ours.parameters())
+        print(f"{preset} ({params:,} parameters), batch {batch}:")
+        rate = {name: batch / statistics.median(v) for name, v in times.items()}
+        for name in models:
+            print(f"  {name:10s} {rate[name]:9.1f} images/s  {rate[name] / batch:6.2f} steps/s  "
+                  f"(best {batch / min(times[name]):.1f})  peak memory {memory[name][0]:,.0f} MB "
+                  f"(+{memory[name][1]:,.0f} MB for the step)")
+        if "diffusers" in rate:
+            print(f"  ratio ours/diffusers: {rate['ours'] / rate['diffusers']:.2f} (higher is better)")
+        else:
+            print("  (diffusers not installed: ours only)")
+        del ours, twin, models
+
+
+SECTIONS = {"unet": bench_unet}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="*", metavar="section", help=f"any of: {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per model (default 7)")
+    p.add_argument("--batch", type=int, help="override every case's batch size")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run both networks in channels_last (NHWC); on this 2-core CPU it was no faster")
+    args = p.parse_args()
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    for name in args.sections or SECTIONS:
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Plumbing shared by train.py, sample.py and evaluate.py: errors, devices, checkpoints, data, images.
+
+Nothing here is diffusion math (that is ddpm.py) or network (unet.py).
+"""
+import argparse
+import glob
+import os
+import sys
+
+import numpy as np
+import torch
+
+RUNS = "runs"          # train.py writes runs/<config>[-N]/
+CHECKPOINT = "ckpt.pt"
+DIGITS_TEST_SIZE = 297  # the held-out digits: 1,797 = 1,500 train + 297 test
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+def run(main):
+    """Run a program's main(), turning UsageError into 'error: ...' and exit code 2."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line (no usage block) and exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive(kind=int):
+    """argparse type for positive numbers, so `--steps 0` fails with a clear message."""
+    def parse(text):
+        value = kind(text)  # a ValueError becomes argparse's "invalid int value"
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# ---- devices ------------------------------------------------------------------------------------
+def pick_device(name=None):
+    """'cuda' if there is a GPU, else Apple's 'mps', else 'cpu'; or check the one asked for."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but MPS is not available: use --device cpu")
+    return device
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(obj, path):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by train.py (safely: weights_only=True)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: run `python train.py` first, or pass an existing file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable checkpoint (corrupt or not written by train.py): "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or not {"model", "ema", "config", "model_config"} <= ckpt.keys():
+        raise UsageError(f"{path} is not a checkpoint written by train.py (missing model/ema/config)")
+    return ckpt
+
+
+def latest_checkpoint():
+    """The most recently written runs/*/ckpt.pt, or a message telling the user to train first."""
+    found = glob.glob(os.path.join(RUNS, "*", CHECKPOINT))
+    if not found:
+        raise UsageError(f"no checkpoint found under {RUNS}/: run `python train.py` first")
+    return max(found, key=os.path.getmtime)
+
+
+def model_from_checkpoint(ckpt, ema=True):
+    """Rebuild the network and the diffusion from a checkpoint (no flags needed)."""
+    from ddpm import Diffusion, linear_betas
+    from unet import UNet
+    model = UNet(**ckpt["model_config"])
+    try:
+        model.load_state_dict(ckpt["ema" if ema else "model"])
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint weights do not fit its own configuration: {str(e).splitlines()[0]}") from None
+    cfg = ckpt["config"]
+    return model.eval(), Diffusion(linear_betas(cfg["T"]), sigma=cfg.get("sigma", "beta"))
+
+
+# ---- data -----------------------------------------------------------------------------------------
+# A dataset here is (images uint8 [N, C, H, W] with values 0..levels-1, labels or None, levels).
+# Everything is loaded into memory once: small and fast for digits/MNIST/CIFAR-sized data.
+TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+DATASETS = ["digits", *TORCHVISION]
+
+
+def load_dataset(name, split="train", image_size=None, root="data"):
+    """'digits' (scikit-learn, no download), 'mnist', 'fashion-mnist', 'cifar10' (torchvision),
+    or a path to a folder of images. Returns (images uint8 [N,C,H,W], labels or None, levels)."""
+    if name in DATASETS:
+        images, labels, levels = _digits(split) if name == "digits" else _torchvision(name, split, root)
+        if image_size and image_size != images.shape[-1]:
+            images = _resize(images, image_size, levels)
+        return images, labels, levels
+    if os.path.sep in name or os.path.isdir(name):
+        return _folder(name, image_size)
+    raise UsageError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a folder of images")
+
+
+def _resize(images, size, levels):
+    """Antialiased bilinear resize of a whole uint8 dataset, keeping its grey levels."""
+    x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return x.round().clamp(0, levels - 1).to(torch.uint8)
+
+
+def _digits(split):
+    """scikit-learn's 8x8 digits (17 grey levels, 0..16). The test split is a fixed, stratified
+    297 images (random_state=0) that train.py never sees; evaluate.py measures on it."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    data = load_digits()
+    images = data.images.astype(np.uint8)[:, None]
+    train, test = train_test_split(np.arange(len(images)), test_size=DIGITS_TEST_SIZE,
+                                   random_state=0, stratify=data.target)
+    idx = train if split == "train" else test
+    return torch.from_numpy(images[idx]), torch.from_numpy(data.target[idx]), 17
+
+
+def _torchvision(name, split, root):
+    try:
+        import torchvision
+    except ImportError:
+        raise UsageError(f"dataset {name!r} needs torchvision: pip install torchvision") from None
+    cls = getattr(torchvision.datasets, TORCHVISION[name])
+    try:
+        ds = cls(root, train=(split == "train"), download=True)
+    except Exception as e:  # offline, or the mirror is down
+        raise UsageError(f"could not download {name} into {root}/ ({str(e).splitlines()[0][:120]}); "
+                         f"connect to the internet once, or copy the files there") from None
+    images = torch.as_tensor(np.asarray(ds.data))
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC -> NCHW
+    return images.contiguous(), torch.as_tensor(np.asarray(ds.targets)), 256
+
+
+def _folder(path, image_size):
+    """Every image in a folder (recursively), centre-cropped to a square and resized with Pillow."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isdir(path):
+        raise UsageError(f"image folder {path} does not exist")
+    if not image_size:
+        raise UsageError("a folder of images needs --image-size (e.g. --image-size 32)")
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                   if f.lower().endswith(exts))
+    if not files:
+        raise UsageError(f"no images ({', '.join(exts)}) in {path}")
+    images, mode = [], None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                mode = mode or ("L" if im.mode in ("L", "LA", "I", "I;16", "1") else "RGB")
+                im = im.convert(mode)
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side))
+                im = im.resize((image_size, image_size), Image.BICUBIC)
+                images.append(np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, -1))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UsageError(f"cannot read image {f}: {e}") from None
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), None, 256
+
+
+def to_model_range(images, levels):
+    """Integers 0..levels-1 -> [-1, 1] (paper Sec. 3.3; for 8-bit data this is x / 127.5 - 1)."""
+    return images.float() * (2.0 / (levels - 1)) - 1.0
+
+
+def to_uint8(x):
+    """[-1, 1] -> uint8 0..255 for image files (values outside are clipped)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ---- pictures -------------------------------------------------------------------------------------
+def grid_image(x, nrow=8, min_size=256, pad=1):
+    """Images in [-1, 1] [N,C,H,W] -> one PIL image, tiles upscaled (nearest) to be visible."""
+    from PIL import Image
+    n, c, h, w = x.shape
+    ncol = min(nrow, n)
+    rows = -(-n // ncol)
+    canvas = torch.full((c, rows * (h + pad) + pad, ncol * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i, img in enumerate(to_uint8(x.detach().cpu().float())):
+        r, k = divmod(i, ncol)
+        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
+    array = canvas.permute(1, 2, 0).numpy()
+    im = Image.fromarray(array[..., 0] if c == 1 else array)
+    scale = max(1, -(-min_size // max(im.size)))
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+
+
+def save_image(im, path, force=True):
+    """Save a PIL image atomically; refuse to replace an existing file unless force."""
+    if os.path.exists(path) and not force:
+        raise UsageError(f"{path} exists: pass --force to overwrite it, or choose another --out")
+    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
+    im.save(tmp)
+    os.replace(tmp, path)

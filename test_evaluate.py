@@ -1,0 +1,255 @@
+"""Tests of evaluate.py on the CPU: a tiny network with T = 20, so each takes seconds.
+
+The bound's arithmetic is checked against scipy and against a Monte Carlo estimate over random t;
+the Frechet distance against closed forms; the program end to end and on bad input.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+import common
+from ddpm import Diffusion
+import evaluate
+import train
+import unet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "", "--T", "20",
+        "--n-samples", "4", "--batch-size", "32", "--device", "cpu"]
+FAST = ["--n-test", "16", "--n-samples", "16", "--batch-size", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks gain nothing from threads, and on a busy machine OpenMP threads wait on each other
+    (measured here on 2 shared cores: the same bound took 0.23 s on one thread, 1.3-47 s on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    """A digits checkpoint after 3 training steps, written once for the whole module."""
+    out = tmp_path_factory.mktemp("trained") / "r"
+    common.run(lambda: train.main([*TINY, "--steps", "3", "--out", str(out)]))
+    return str(out / common.CHECKPOINT)
+
+
+@pytest.fixture
+def tiny(ckpt_path):
+    """(model, diffusion, x0): the tiny network and 8 test digits in [-1, 1] (17 grey levels)."""
+    model, diffusion = common.model_from_checkpoint(common.load_checkpoint(ckpt_path))
+    test, _, levels = common.load_dataset("digits", "test")
+    assert levels == 17 and diffusion.T == 20
+    return model, diffusion, common.to_model_range(test[:8], levels)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def run(*argv):
+    """evaluate.py's main as the command line runs it; returns the exit code."""
+    try:
+        common.run(lambda: evaluate.main(list(argv)))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+# ---- the bound ---------------------------------------------------------------------------------
+def test_parts_of_the_bound_add_up_to_the_total(tiny):
+    model, diffusion, x0 = tiny
+    b = evaluate.bound(model, diffusion, x0, 17, batch_size=3, generator=torch.Generator().manual_seed(0))
+    assert b["terms"].shape == (8, 20) and (b["terms"] > 0).all() and (b["prior"] >= 0).all()
+    assert torch.equal(b["total"], b["prior"] + b["terms"].sum(1))
+    with torch.no_grad():  # the same numbers as ddpm.py's own total, one batch at a time
+        direct = diffusion.bound_bpd(model, x0[:3], 17, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(b["total"][:3], direct["total"].double(), rtol=1e-6)
+    s = evaluate.summarize(b)
+    assert math.isclose(s["total_bpd"], s["L_T"] + s["sum_L_t_minus_1"] + s["L_0"], rel_tol=1e-12)
+    assert math.isclose(s["L_0"] + s["sum_L_t_minus_1"], sum(s["terms_bpd"]), rel_tol=1e-12)
+    assert math.isclose(s["total_bpd_se"], b["total"].std().item() / math.sqrt(8), rel_tol=1e-12)
+
+
+def test_bits_per_dim_against_scipy(tiny):
+    """One decoder term and one KL term, in nats computed independently, / (ln 2 * dims) == bits/dim."""
+    model, diffusion, x0 = tiny
+    D, half = x0[0].numel(), 1.0 / 16  # 64 pixels; bins of width 2/16 around 17 grey levels
+    betas = np.linspace(1e-4 * 50, 0.02 * 50, 20).clip(max=0.999)
+    a_bar = np.cumprod(1 - betas)
+    g = torch.Generator().manual_seed(1)
+    # L_0 at t = 1: -log of the Gaussian N(mu_theta(x_1), beta_1) integrated over each pixel's bin (Eq. 13)
+    x1 = diffusion.q_sample(x0, 1, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
+    with torch.no_grad():
+        mean = diffusion.p_mean_var(model, x1, 1)[0].numpy()
+        bpd = diffusion.vb_term_bpd(model, x0, x1, 1, levels=17).numpy()
+    x, sd = x0.double().numpy(), math.sqrt(betas[0])
+    upper = np.where(x > 1 - half, 1.0, stats.norm.cdf(x + half, mean, sd))
+    lower = np.where(x < -1 + half, 0.0, stats.norm.cdf(x - half, mean, sd))
+    nats = -np.log(upper - lower).reshape(8, -1).sum(1)
+    assert np.allclose(bpd, nats / (math.log(2) * D), rtol=1e-4)  # float32 network
+    # L_{t-1} at t = 5: KL(q(x_4 | x_5, x_0) || p_theta(x_4 | x_5)) with the posterior of Eq. 7 in numpy
+    t = 5
+    x5 = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
+    with torch.no_grad():
+        mean = diffusion.p_mean_var(model, x5, t)[0].numpy()
+        bpd = diffusion.vb_term_bpd(model, x0, x5, t, levels=17).numpy()
+    ab, ab_prev, beta = a_bar[t - 1], a_bar[t - 2], betas[t - 1]
+    mu_q = (math.sqrt(ab_prev) * beta * x + math.sqrt(1 - beta) * (1 - ab_prev) * x5.double().numpy()) / (1 - ab)
+    var_q, var_p = (1 - ab_prev) / (1 - ab) * beta, beta
+    kl = 0.5 * (np.log(var_p / var_q) + var_q / var_p + (mu_q - mean) ** 2 / var_p - 1)
+    assert np.allclose(bpd, kl.reshape(8, -1).sum(1) / (math.log(2) * D), rtol=1e-4)
+
+
+def test_exact_bound_agrees_with_monte_carlo_over_t(tiny):
+    """L = L_T + T * E_{t ~ U{1..T}}[L_{t-1}], estimated from uniformly drawn t, agrees with the sum of all T."""
+    model, _, x0 = tiny
+    # A gentler 20-step schedule than linear_betas(20), whose capped beta_T = 0.999 makes the last
+    # term dwarf the others (and so the Monte Carlo variance). The identity holds for any schedule.
+    diffusion = Diffusion(torch.linspace(0.005, 0.3, 20, dtype=torch.float64))
+    T, K, R = diffusion.T, 2000, 8
+    g = torch.Generator().manual_seed(2)
+    exact = evaluate.bound(model, diffusion, x0.repeat(R, 1, 1, 1), 17, 128, generator=g)["total"]
+    images = torch.randint(len(x0), (K,), generator=g)
+    ts = torch.randint(1, T + 1, (K,), generator=g)
+    values = torch.empty(K, dtype=torch.float64)
+    with torch.no_grad():
+        for t in ts.unique().tolist():
+            k = (ts == t).nonzero().squeeze(1)
+            x = x0[images[k]]
+            xt = diffusion.q_sample(x, t, torch.randn(x.shape, generator=g))
+            values[k] = (diffusion.prior_bpd(x) + T * diffusion.vb_term_bpd(model, x, xt, t, 17)).double()
+    se = math.sqrt(exact.var().item() / len(exact) + values.var().item() / K)
+    assert se < 0.03 * exact.mean().item()  # precise enough to mean something
+    assert abs(exact.mean().item() - values.mean().item()) < 4 * se
+
+
+# ---- the Frechet distance ------------------------------------------------------------------------
+def exact_moments(n, d, rng):
+    """n points in R^d whose sample mean is exactly 0 and sample covariance exactly I."""
+    x = rng.normal(size=(n, d))
+    x -= x.mean(0)
+    return x @ np.linalg.inv(np.linalg.cholesky(np.cov(x, rowvar=False))).T
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = exact_moments(500, 6, rng)
+    mu = np.array([1.0, -2.0, 0.5, 0, 0, 3.0])
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-8
+    assert math.isclose(evaluate.frechet_distance(a, a + mu), mu @ mu, rel_tol=1e-9)  # N(0,I) vs N(mu,I)
+    b = exact_moments(300, 6, rng)  # another set with the same moments: distance 0
+    assert abs(evaluate.frechet_distance(a, b)) < 1e-8
+    assert math.isclose(evaluate.frechet_distance(a, 2 * b + mu), mu @ mu + 6 * (2 - 1) ** 2, rel_tol=1e-9)
+    # random samples from N(0, I) and N(mu, I): ||mu||^2 up to sampling error; grows with the shift
+    x, y = rng.normal(size=(20000, 6)), rng.normal(size=(20000, 6))
+    assert abs(evaluate.frechet_distance(x, y)) < 0.01
+    sd = 2 * math.sqrt(mu @ mu) * math.sqrt(2 / 20000)  # of the cross term 2 mu.(mean_x - mean_y)
+    assert abs(evaluate.frechet_distance(x, y + mu) - mu @ mu) < 4 * sd + 0.01
+    shifts = [evaluate.frechet_distance(x, y + s) for s in (0.1, 0.5, 1.0, 2.0)]
+    assert all(np.diff(shifts) > 0)
+    assert math.isclose(evaluate.frechet_distance(x[:, :1], y[:, :1] + 3), 9, abs_tol=0.1)  # d = 1 works
+
+
+def test_classifier_is_deterministic_and_accurate():
+    train_x, train_y, levels = common.load_dataset("digits", "train")
+    test_x, test_y, _ = common.load_dataset("digits", "test")
+    train_x, test_x = common.to_model_range(train_x, levels), common.to_model_range(test_x, levels)
+    (f1, h1), (f2, _) = (evaluate.train_classifier(train_x, train_y, seed=0, steps=300) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(f1.parameters(), f2.parameters()))
+    with torch.no_grad():
+        assert (h1(f1(test_x)).argmax(1) == test_y).float().mean() > 0.9
+        floor = evaluate.frechet_distance(f1(train_x).numpy(), f1(test_x).numpy())
+        noise = evaluate.frechet_distance(f1(torch.rand_like(test_x) * 2 - 1).numpy(), f1(test_x).numpy())
+    assert 0 < floor < noise / 10
+
+
+# ---- the program ---------------------------------------------------------------------------------
+def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
+    assert run("--checkpoint", ckpt_path, "--out", "o", *FAST) == 0
+    r = json.load(open("o/results.json"))
+    b, q = r["bound"], r["quality"]
+    assert b["n_images"] == 16 and len(b["terms_bpd"]) == 20 and r["levels"] == 17 and r["ema"]
+    assert math.isclose(b["total_bpd"], b["L_T"] + b["sum_L_t_minus_1"] + b["L_0"], rel_tol=1e-9)
+    assert b["total_bpd_se"] > 0 and q["n_samples"] == 16 and q["frechet_distance"] > q["floor_train_vs_test"] > 0
+    assert q["classifier_test_accuracy"] > 0.9
+    with Image.open("o/bound_terms.png") as im:
+        assert im.size[0] > 300
+    assert "NOT the Inception FID" in capsys.readouterr().out
+    # samples from sample.py instead: the test digits themselves, as uint8 NHWC 0..255, come closest
+    test, _, _ = common.load_dataset("digits", "test")
+    np.savez("s.npz", (test.permute(0, 2, 3, 1).float() * 255 / 16).round().to(torch.uint8).numpy())
+    assert run("--checkpoint", ckpt_path, "--out", "o", *FAST, "--samples", "s.npz", "--n-test", "0") == 2  # exists
+    assert run("--checkpoint", ckpt_path, "--out", "o", *FAST, "--samples", "s.npz", "--n-test", "0", "--force") == 0
+    r = json.load(open("o/results.json"))
+    assert "bound" not in r and r["quality"]["n_samples"] == 297 and abs(r["quality"]["frechet_distance"]) < 1e-4
+    os.makedirs("pngs")  # or a folder of PNGs
+    for i, digit in enumerate(test[:20, 0]):
+        Image.fromarray((digit.float() * 255 / 16).round().to(torch.uint8).numpy()).save(f"pngs/{i:03d}.png")
+    assert run("--checkpoint", ckpt_path, "--out", "p", *FAST, "--samples", "pngs", "--n-test", "0") == 0
+    assert json.load(open("p/results.json"))["quality"]["n_samples"] == 20
+    os.rename("s.npz", "pngs/samples.npz")  # sample.py's folder: its samples.npz is read, not grid.png & co.
+    Image.new("L", (300, 300)).save("pngs/grid.png")
+    assert run("--checkpoint", ckpt_path, "--out", "p", *FAST, "--samples", "pngs", "--n-test", "0", "--force") == 0
+    assert json.load(open("p/results.json"))["quality"]["n_samples"] == 297
+
+
+def forge(path, ckpt_path, **model_config):
+    """A checkpoint like the tiny one, with other model_config values (fresh weights if channels change)."""
+    ckpt = common.load_checkpoint(ckpt_path)
+    ckpt["model_config"] = {**ckpt["model_config"], **model_config}
+    if "in_channels" in model_config:
+        ckpt["model"] = ckpt["ema"] = unet.UNet(**ckpt["model_config"]).state_dict()
+        ckpt["config"] = {**ckpt["config"], "dataset": "rgb", "image_size": 8}
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "nothing-here"], "no checkpoint at nothing-here"),
+    ([], "no checkpoint found under runs/"),
+    (["--checkpoint", "big.pt"], "is for 1x16x16 images, but digits has 1x8x8"),
+    (["--checkpoint", "CKPT", "--dataset", "rgb"], "is for 1x8x8 images, but rgb has 3x8x8"),
+    (["--checkpoint", "CKPT", "--samples", "missing.npz"], "no sample folder or .npz file at missing.npz"),
+    (["--checkpoint", "CKPT", "--samples", "missing/"], "no sample folder"),
+    (["--checkpoint", "CKPT", "--samples", "rgb.npz"], "holds 3x8x8 images, the model makes 1x8x8"),
+    (["--checkpoint", "CKPT", "--n-test", "300"], "more than the 297 test images"),
+    (["--checkpoint", "CKPT", "--n-test", "-1"], "must be 0 or more"),
+    (["--checkpoint", "CKPT", "--sigma", "huge"], "invalid choice"),
+    (["--checkpoint", "CKPT", "--out", "done"], "done/results.json exists"),
+    (["--checkpoint", "rgb.pt", "--samples", "missing"], "no sample folder"),
+    (["--checkpoint", "rgb.pt", "--samples", "rgb"], "pip install torch-fidelity"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, ckpt_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed (it is an optional extra)
+    forge("big.pt", ckpt_path, image_size=16)
+    forge("rgb.pt", ckpt_path, in_channels=3, out_channels=3)
+    os.makedirs("rgb")
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(f"rgb/{i}.png")
+    np.savez("rgb.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    os.makedirs("done")
+    open("done/results.json", "w").close()
+    capsys.readouterr()
+    assert run(*FAST, *[ckpt_path if a == "CKPT" else a for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert os.path.getsize("done/results.json") == 0  # nothing the user had is touched
+
+
+def test_command_line_exit_code():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--checkpoint", "nothing.pt"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == \
+        "error: no checkpoint at nothing.pt: run `python train.py` first, or pass an existing file"

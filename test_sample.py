@@ -1,0 +1,222 @@
+"""Tests of sample.py on the CPU, with a tiny network and T = 20 so each run takes a second or two."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import sample
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "", "--T", "20",
+        "--n-samples", "4", "--batch-size", "32", "--device", "cpu"]
+RUN = os.path.join(common.RUNS, "r")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with other jobs: with two threads, OpenMP waits on a busy core at every tiny op
+    # (measured 10-100x slower for this network); one thread loses nothing at this size.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-step train.py run (digits 8x8, T = 20), made once and copied into each test's directory."""
+    where = tmp_path_factory.mktemp("train")
+    cwd = os.getcwd()
+    os.chdir(where)
+    try:
+        train.main([*TINY, "--steps", "3", "--out", "r"])
+    finally:
+        os.chdir(cwd)
+    return where / "r"
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch, trained):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained, RUN)
+
+
+def run(*argv):
+    """sample.py as the command line runs it: the exit code."""
+    try:
+        common.run(lambda: sample.main(["--device", "cpu", *argv]))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def npz(out):
+    with np.load(os.path.join(out, "samples.npz")) as f:
+        return f["arr_0"]
+
+
+def listing():
+    return sorted(os.path.relpath(os.path.join(d, f)) for d, _, fs in os.walk(".") for f in fs)
+
+
+def test_writes_grid_pngs_and_npz_and_never_overwrites():
+    assert run("--n", "5", "--batch-size", "2") == 0
+    out = os.path.join(RUN, "samples")
+    a = npz(out)
+    assert a.dtype == np.uint8 and a.shape == (5, 8, 8, 1)  # NHWC, grey digits keep one channel
+    assert sorted(os.listdir(os.path.join(out, "images"))) == [f"{i:06d}.png" for i in range(5)]
+    for i in range(5):
+        with Image.open(os.path.join(out, "images", f"{i:06d}.png")) as im:
+            assert im.mode == "L" and np.array_equal(np.asarray(im), a[i, ..., 0])
+    with Image.open(os.path.join(out, "grid.png")) as im:
+        assert max(im.size) >= 256  # 8x8 digits, enlarged to be visible
+    before = os.path.getmtime(os.path.join(out, "samples.npz"))
+    assert run("--n", "2") == 0  # a second run takes a fresh directory
+    assert npz(os.path.join(RUN, "samples-2")).shape == (2, 8, 8, 1)
+    assert os.path.getmtime(os.path.join(out, "samples.npz")) == before
+    assert run("--n", "3", "--force") == 0  # asked to: replaces, without stale images from the larger --n
+    assert npz(out).shape[0] == 3 and len(os.listdir(os.path.join(out, "images"))) == 3
+
+
+def test_same_seed_same_images_whatever_the_batch_size():
+    assert run("--n", "5", "--batch-size", "5", "--out", "a") == 0
+    assert run("--n", "5", "--batch-size", "2", "--out", "b") == 0
+    assert run("--n", "5", "--batch-size", "5", "--out", "c") == 0
+    assert run("--n", "5", "--seed", "1", "--out", "d") == 0
+    assert np.array_equal(npz("a"), npz("c"))
+    assert np.abs(npz("a").astype(int) - npz("b")).max() <= 1  # at most float rounding of batched convs
+    assert not np.array_equal(npz("a"), npz("d"))
+    model, diffusion = common.model_from_checkpoint(common.load_checkpoint(RUN))
+    x = [sample.generate(model, diffusion, 7, b, seed=3, progress=False) for b in (7, 3, 1)]
+    torch.testing.assert_close(x[1], x[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(x[2], x[0], rtol=0, atol=1e-5)
+
+
+def test_groups_have_their_own_generators(monkeypatch):
+    model, diffusion = common.model_from_checkpoint(common.load_checkpoint(RUN))
+    whole = sample.generate(model, diffusion, 5, seed=2, progress=False)
+    monkeypatch.setattr(sample, "GROUP", 2)  # groups of 2, 2, 1: the first group is the same images
+    grouped = sample.generate(model, diffusion, 5, seed=2, progress=False)
+    first = sample.generate(model, diffusion, 2, seed=2, progress=False)
+    assert grouped.shape == whole.shape and torch.equal(grouped[:2], first)
+    assert not torch.allclose(grouped[2:4], first)  # group 1 is seeded differently from group 0
+
+
+def test_clipping_keeps_samples_in_range_and_no_clip_is_algorithm_2():
+    model, diffusion = common.model_from_checkpoint(common.load_checkpoint(RUN))
+    x = sample.generate(model, diffusion, 4, progress=False)
+    assert x.shape == (4, 1, 8, 8) and x.abs().max() <= 1  # at t = 1 the mean is x0_hat itself
+    expected = diffusion.p_sample_loop(model, (4, 1, 8, 8), clip=False,
+                                       generator=torch.Generator().manual_seed(0))  # group 0, seed 0
+    assert torch.equal(sample.generate(model, diffusion, 4, clip=False, progress=False), expected)
+
+
+def test_sigma_flag_overrides_the_checkpoint():
+    _, diffusion, config, _ = sample.load(sample.parse_args(["--checkpoint", RUN]))
+    assert diffusion.sigma == "beta" and diffusion.T == 20 and config["dataset"] == "digits"
+    _, other, _, _ = sample.load(sample.parse_args(["--checkpoint", RUN, "--sigma", "beta_tilde"]))
+    assert other.sigma == "beta_tilde" and torch.equal(other.beta, diffusion.beta)
+
+
+def grid_size(rows, cols, tile, min_size):
+    """common.grid_image's size: 1-pixel padding, enlarged by a whole factor to reach min_size."""
+    w, h = cols * (tile + 1) + 1, rows * (tile + 1) + 1
+    scale = max(1, math.ceil(min_size / max(w, h)))
+    return w * scale, h * scale
+
+
+def test_timesteps_of_the_figures():
+    assert sample.timesteps(1000) == [1000, 750, 500, 250, 100, 1]
+    assert sample.timesteps(20) == [20, 15, 10, 5, 2, 1]
+    assert sample.timesteps(1) == [1]
+
+
+def test_figures_have_the_expected_sizes_and_frames():
+    assert run("--n", "5", "--figures", "--out", "f") == 0
+    cols = len(sample.timesteps(20)) + 1  # t = 20, 15, 10, 5, 2, 1, and x_0
+    w, h = grid_size(2 * sample.STRIP, cols, 8, sample.FIGURE_SIZE)  # rows: x_t and x0_hat per sample
+    with Image.open("f/reverse.png") as im:
+        assert im.size == (w + sample.LABEL_W, h + sample.LABEL_H)
+    w, h = grid_size(sample.STRIP, cols, 8, sample.FIGURE_SIZE)
+    with Image.open("f/forward.png") as im:
+        assert im.size == (w, h + sample.LABEL_H)
+    with Image.open("f/denoising.gif") as im:
+        assert im.n_frames == 20 + 1  # every step (T // 50 < 1) and the final x_0
+        im.seek(im.n_frames - 1)
+        assert im.info["duration"] == 2000
+
+
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(capsys):
+    with open("corrupt.pt", "wb") as f:
+        f.write(b"not a checkpoint")
+    ckpt = common.load_checkpoint(RUN)
+    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "ch": 64}}, "wrong_shapes.pt")
+    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "heads": 4}}, "unknown_key.pt")
+    os.makedirs("taken")
+    with open("taken/mine.txt", "w") as f:
+        f.write("keep")
+    before = listing()
+    cases = {
+        ("--n", "0"): "must be positive", ("--n", "-3"): "must be positive", ("--batch-size", "0"): "positive",
+        ("--n", "many"): "invalid", ("--sigma", "big"): "invalid choice", ("--device", "tpu"): "unknown device",
+        ("--checkpoint", "nowhere"): "train.py", ("--checkpoint", "corrupt.pt"): "not a readable checkpoint",
+        ("--checkpoint", "wrong_shapes.pt"): "do not fit", ("--checkpoint", "unknown_key.pt"): "heads",
+        ("--out", "taken"): "exists", ("--pretrained", "missing.safetensors"): "huggingface-cli download",
+        ("--pretrained", "corrupt.pt"): "cannot load --pretrained corrupt.pt",
+        ("--pretrained", RUN, "--no-ema"): "--no-ema", ("--pretrained", "x", "--checkpoint", RUN): "not allowed",
+    }
+    for argv, message in cases.items():
+        capsys.readouterr()
+        assert run(*argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert listing() == before  # nothing written, nothing overwritten
+    shutil.rmtree(common.RUNS)
+    assert run() == 2 and "run `python train.py` first" in capsys.readouterr().err
+
+
+def test_command_line_without_a_checkpoint():
+    shutil.rmtree(common.RUNS)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "sample.py")], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "python train.py" in p.stderr
+
+
+# ---- the authors' weights, through unet.load_pretrained ----------------------------------------------
+def tiny_port(directory, size):
+    """A random diffusers UNet2DModel with the DDPM architecture, saved as the Hugging Face ports are."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), downsample_padding=0, flip_sin_to_cos=False,
+                        freq_shift=1, norm_eps=1e-6, norm_num_groups=32, attention_head_dim=None)
+    os.makedirs(directory)
+    path = os.path.join(directory, "diffusion_pytorch_model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    model.save_config(directory)
+    return path
+
+
+@pytest.mark.slow
+def test_pretrained_uses_the_authors_sampler_settings():
+    pytest.importorskip("diffusers")
+    small, large = tiny_port("port32", 8), tiny_port("port256", 64)
+    _, diffusion, config, where = sample.load(sample.parse_args(["--pretrained", small]))
+    assert (diffusion.T, diffusion.sigma, config, where) == (1000, "beta", None, "port32")
+    assert sample.load(sample.parse_args(["--pretrained", large]))[1].sigma == "beta_tilde"
+    assert sample.load(sample.parse_args(["--pretrained", large, "--sigma", "beta"]))[1].sigma == "beta"
+    assert run("--pretrained", small, "--n", "2", "--figures") == 0  # all 1,000 steps of a tiny network
+    a = npz("port32/samples")
+    assert a.shape == (2, 8, 8, 3) and a.dtype == np.uint8
+    with Image.open("port32/samples/denoising.gif") as im:
+        assert im.n_frames == 50 + 1 + 1  # t = 1000, 980, ..., 20; t = 1; x_0
+    assert os.path.isfile("port32/samples/forward.png")  # from its own samples: no dataset to download

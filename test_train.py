@@ -1,0 +1,179 @@
+"""Tests of train.py on the CPU, with a tiny network so each run takes seconds."""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "", "--T", "20",
+        "--n-samples", "4", "--batch-size", "32", "--log-every", "5", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ and data/ land in the test's own directory
+
+
+def run(*argv):
+    """train.py's main as the command line runs it: returns (exit code, stderr-like message)."""
+    try:
+        common.run(lambda: train.main(list(argv)))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def rows(out):
+    with open(os.path.join(out, "loss.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_digits_run_lowers_the_loss_and_writes_its_files():
+    assert run(*TINY, "--steps", "60", "--lr", "2e-3", "--warmup", "10", "--out", "r") == 0
+    losses = [float(r["loss"]) for r in rows("r")]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2])
+    ckpt = common.load_checkpoint("r")
+    assert ckpt["step"] == 60 and ckpt["config"]["dataset"] == "digits"
+    model, diffusion = common.model_from_checkpoint(ckpt)
+    assert diffusion.T == 20 and model.config["ch"] == 32
+    with Image.open("r/samples.png") as im:
+        assert im.size[0] >= 256
+    assert os.path.getsize("r/loss.png") > 1000
+
+
+def test_resume_is_bitwise_exact():
+    flags = [*TINY, "--dropout", "0.1", "--ckpt-every", "100"]  # dropout: the RNG state must be restored too
+    assert run(*flags, "--steps", "16", "--out", "straight") == 0
+    assert run(*flags, "--steps", "9", "--out", "split") == 0
+    assert run("--resume", "split", "--steps", "16") == 0
+    a, b = common.load_checkpoint("straight"), common.load_checkpoint("split")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    split = {r["step"]: r["loss"] for r in rows("split")}  # has an extra row: the end of the first part
+    assert all(split[r["step"]] == r["loss"] for r in rows("straight"))
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(monkeypatch):
+    assert run(*TINY, "--steps", "5", "--out", "r") == 0
+    before = common.load_checkpoint("r")["step"]
+
+    def dies_halfway(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        run("--resume", "r", "--steps", "10")
+    assert common.load_checkpoint("r")["step"] == before
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(monkeypatch, capsys):
+    assert run(*TINY, "--steps", "5", "--out", "r") == 0
+    real = train.Diffusion.training_loss
+    calls = {"n": 0}
+
+    def goes_nan(self, *args):
+        calls["n"] += 1
+        loss = real(self, *args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train.Diffusion, "training_loss", goes_nan)
+    code = run("--resume", "r", "--steps", "10")
+    assert "step 8" in str(code) and "r/ckpt.pt" in str(code)
+    assert common.load_checkpoint("r")["step"] == 5
+
+
+def test_folder_of_images(tmp_path):
+    rng = np.random.default_rng(0)
+    os.makedirs("imgs/sub")
+    for i in range(40):  # mixed sizes and a subfolder; grey images
+        size = (12 + i % 5, 10 + i % 3)
+        Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8)).save(f"imgs{'/sub' if i % 2 else ''}/{i}.png")
+    images, labels, levels = common.load_dataset("imgs", image_size=8)
+    assert images.shape == (40, 1, 8, 8) and images.dtype == torch.uint8 and levels == 256
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save("rgb.png")
+    os.makedirs("rgbs")
+    os.rename("rgb.png", "rgbs/a.jpg")
+    assert common.load_dataset("rgbs", image_size=4)[0].shape == (1, 3, 4, 4)
+    assert run(*TINY, "--dataset", "imgs", "--image-size", "8", "--steps", "3", "--out", "f") == 0
+    assert common.load_checkpoint("f")["model_config"]["image_size"] == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--config", "imagenet"], "unknown config"),
+    (["--dataset", "no/such/folder", "--image-size", "8"], "does not exist"),
+    (["--dataset", "empty/", "--image-size", "8"], "no images"),
+    (["--dataset", "broken/", "--image-size", "8"], "cannot read image"),
+    (["--image-size", "10", "--ch-mult", "1,2,2"], "image"),
+    (["--batch-size", "0"], "must be positive"),
+    (["--steps", "-3"], "must be positive"),
+    (["--steps", "many"], "invalid int value"),
+    (["--resume", "r", "--T", "50"], "was trained with --T 20"),
+    (["--resume", "corrupt.pt"], "not a readable checkpoint"),
+    (["--resume", "nothing-here"], "no checkpoint"),
+    (["--out", "r"], "already holds a run"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert run(*TINY, "--steps", "2", "--out", "r") == 0
+    os.makedirs("empty")
+    os.makedirs("broken")
+    with open("broken/x.png", "wb") as f:
+        f.write(b"not a png")
+    with open("corrupt.pt", "wb") as f:
+        f.write(b"\x00garbage")
+    before = open("r/ckpt.pt", "rb").read()
+    capsys.readouterr()
+    assert run(*TINY, "--steps", "4", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert open("r/ckpt.pt", "rb").read() == before  # nothing the user had is touched
+
+
+def test_command_line_exit_code():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--dataset", "imagenet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown dataset")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process():
+    """DDP on CPU (gloo): 2 processes x 16 images == 1 process x 32 images, same data and noise."""
+    flags = [*TINY, "--steps", "6", "--lr", "1e-3", "--warmup", "1", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    os.path.join(HERE, "train.py"), *flags, "--out", "ddp"], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *flags, "--out", "one"], check=True, env=env,
+                   capture_output=True)
+    assert np.allclose([float(r["loss"]) for r in rows("ddp")], [float(r["loss"]) for r in rows("one")], rtol=1e-5)
+    # Float rounding differs (gradients are averaged across processes), and Adam divides by
+    # sqrt(v): near-zero gradients (behind the zero-initialised output conv) turn rounding into
+    # steps of a fraction of lr. Measured: 2e-5 = lr / 50. A different batch would move by ~lr.
+    a, b = common.load_checkpoint("ddp")["model"], common.load_checkpoint("one")["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--steps", "100000",
+                             "--out", "r"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (os.path.exists("r/loss.csv") and len(rows("r")) >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    step = common.load_checkpoint("r")["step"]
+    assert step >= 10 and f"saved step {step}" in out
+    assert run("--resume", "r", "--steps", str(step + 2)) == 0
