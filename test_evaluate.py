@@ -18,23 +18,13 @@ from scipy import stats
 import common
 from ddpm import Diffusion
 import evaluate
+from conftest import HERE, TINY, run_program
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 import train
 import unet
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "", "--T", "20",
-        "--n-samples", "4", "--batch-size", "32", "--device", "cpu"]
 FAST = ["--n-test", "16", "--n-samples", "16", "--batch-size", "16", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from threads, and on a busy machine OpenMP threads wait on each other
-    (measured here on 2 shared cores: the same bound took 0.23 s on one thread, 1.3-47 s on two)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +50,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def run(*argv):
-    """evaluate.py's main as the command line runs it; returns the exit code."""
-    try:
-        common.run(lambda: evaluate.main(list(argv)))
-    except SystemExit as e:
-        return e.code
-    return 0
+    return run_program(evaluate.main, argv)
 
 
 # ---- the bound ---------------------------------------------------------------------------------

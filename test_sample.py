@@ -12,22 +12,12 @@ from PIL import Image
 
 import common
 import sample
+from conftest import HERE, TINY, run_program
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "", "--T", "20",
-        "--n-samples", "4", "--batch-size", "32", "--device", "cpu"]
 RUN = os.path.join(common.RUNS, "r")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: with two threads, OpenMP waits on a busy core at every tiny op
-    # (measured 10-100x slower for this network); one thread loses nothing at this size.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +40,7 @@ def in_tmp(tmp_path, monkeypatch, trained):
 
 
 def run(*argv):
-    """sample.py as the command line runs it: the exit code."""
-    try:
-        common.run(lambda: sample.main(["--device", "cpu", *argv]))
-    except SystemExit as e:
-        return e.code
-    return 0
+    return run_program(sample.main, ["--device", "cpu", *argv])
 
 
 def npz(out):

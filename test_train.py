@@ -11,10 +11,10 @@ from PIL import Image
 
 import common
 import train
+from conftest import HERE, TINY, run_program
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "", "--T", "20",
-        "--n-samples", "4", "--batch-size", "32", "--log-every", "5", "--device", "cpu"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +23,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def run(*argv):
-    """train.py's main as the command line runs it: returns (exit code, stderr-like message)."""
-    try:
-        common.run(lambda: train.main(list(argv)))
-    except SystemExit as e:
-        return e.code
-    return 0
+    return run_program(train.main, argv)
 
 
 def rows(out):

@@ -26,7 +26,7 @@ import unet
 # Every value can be overridden by a flag of the same name (see --help).
 CONFIGS = {
     # Ours: sklearn's 8x8 digits on a laptop CPU. Chosen by measurement (README, "Training").
-    "digits": dict(dataset="digits", preset="digits", image_size=None, steps=4000, batch_size=128, lr=2e-3,
+    "digits": dict(dataset="digits", preset="digits", image_size=None, steps=2000, batch_size=128, lr=2e-3,
                    warmup=200, grad_clip=1.0, ema_decay=0.999, dropout=0.0, T=1000, flip=False,
                    log_every=50, ckpt_every=1000, sample_every=0, n_samples=64, seed=0),
     # The paper's CIFAR-10 recipe (Appendix B and the authors' run_cifar.py).
