@@ -313,6 +313,52 @@ def test_bound_with_oracle_is_above_entropy_and_close_to_it(T, margin):
     assert torch.allclose(bound["total"], bound["prior"] + bound["terms"].sum(1))
 
 
+def test_algorithm2_loop_matches_numpy_reference():
+    """Algorithm 2 for T = 3, replayed in numpy on the same normal draws: x_T ~ N(0, I),
+    then t = T..1, noise at every step but the last. Exact up to float32 rounding."""
+    betas = np.array([0.1, 0.2, 0.3])
+    a_bar = np.cumprod(1 - betas)
+    c, shape, seen = 0.4, (5, 2), []
+
+    def eps_model(x, t):
+        seen.append(t.tolist())
+        return torch.full_like(x, c)
+
+    x = Diffusion(betas).p_sample_loop(eps_model, shape, generator=torch.Generator().manual_seed(0)).double().numpy()
+    assert seen == [[t] * shape[0] for t in (3, 2, 1)]  # every t, in order, once
+    g = torch.Generator().manual_seed(0)  # the same draws, in Algorithm 2's order
+    ref = torch.randn(shape, generator=g).double().numpy()
+    for t in (3, 2, 1):
+        beta = betas[t - 1]
+        ref = (ref - beta / math.sqrt(1 - a_bar[t - 1]) * c) / math.sqrt(1 - beta)
+        if t > 1:
+            ref = ref + math.sqrt(beta) * torch.randn(shape, generator=g).double().numpy()
+    assert np.allclose(x, ref, rtol=0, atol=1e-6)  # float32 sampling: a few ulps of |x| ~ 1
+
+
+def test_bound_includes_the_decoder_term():
+    """terms[:, 0] is L_0 = -log2 P(bin of x_0 | N(mu_1, beta_1)). An eps_model chosen so that
+    mu_theta(x_1, 1) = c for every x_1 makes L_0 deterministic (scipy reference)."""
+    betas, levels, c = np.linspace(0.1, 0.3, 5), 17, 0.05
+    B, A_bar = t64(betas), t64(np.cumprod(1 - betas))
+
+    def eps_model(x, t):  # solves (x - beta / sqrt(1 - a_bar) eps) / sqrt(alpha) = c for eps
+        b, ab = B[t - 1].reshape(-1, 1), A_bar[t - 1].reshape(-1, 1)
+        return (x - (1 - b).sqrt() * c) * (1 - ab).sqrt() / b
+
+    atoms = np.linspace(-1, 1, levels)
+    h, s = 1 / (levels - 1), math.sqrt(betas[0])
+    lo = np.where(atoms > -1 + h, atoms - h, -np.inf)
+    hi = np.where(atoms < 1 - h, atoms + h, np.inf)
+    p = np.where(lo > c, stats.norm.sf(lo, c, s) - stats.norm.sf(hi, c, s),
+                 stats.norm.cdf(hi, c, s) - stats.norm.cdf(lo, c, s))
+    bound = Diffusion(betas).bound_bpd(eps_model, t64(atoms)[:, None], levels=levels,
+                                       generator=torch.Generator().manual_seed(0))
+    assert np.allclose(bound["terms"][:, 0].numpy(), -np.log2(p), rtol=1e-9, atol=0)
+    rest = (bound["total"] - bound["prior"] - bound["terms"][:, 1:].sum(1)).numpy()
+    assert np.allclose(rest, -np.log2(p), rtol=1e-9, atol=1e-12)
+
+
 # 9. The paper's numbers for the default schedule ----------------------------------------------
 def test_default_schedule_numbers():
     d = Diffusion()
@@ -369,6 +415,8 @@ def test_log_variance_at_t1_is_finite_and_decoder_nll_sane(sigma):
 
 @given(st.integers(10, 4000))
 def test_linear_schedule_scales_with_T(T):
+    expected = np.minimum(np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T), 0.999)
+    assert np.allclose(linear_betas(T).numpy(), expected, rtol=1e-12, atol=0)
     d = Diffusion(linear_betas(T))
     assert (d.beta[1:] < 1).all() and (d.beta[2:] >= d.beta[1:-1]).all()
     assert d.prior_bpd(t64([[1.0], [-1.0]])).max().item() < 1e-4
