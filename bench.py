@@ -23,7 +23,8 @@ UNET_CASES = [("cifar10", 8), ("digits", 128)]
 def warn_if_busy():
     load, cores = os.getloadavg()[0], os.cpu_count()
     if load > 0.5 * cores:
-        print(f"  warning: load average {load:.1f} on {cores} cores: other processes compete, timings are noisy")
+        print(f"  warning: load average {load:.1f} on {cores} cores: other processes compete, timings are noisy\n"
+              f"  (busy-waiting OpenMP threads then slow torch down badly: try OMP_WAIT_POLICY=PASSIVE or --threads 1)")
 
 
 def pick_device(name=None):
@@ -79,16 +80,20 @@ def diffusers_twin(config):
         attention_head_dim=None, dropout=config["dropout"])
 
 
-def fwd_bwd(module, forward, x, t):
-    """One forward+backward pass; `forward` takes the paper's t, as ours does."""
+def fwd_bwd(module, forward, x, t, amp=None):
+    """One forward+backward pass; `forward` takes the paper's t, as ours does. amp: autocast dtype or None."""
     module.zero_grad(set_to_none=True)
-    forward(x, t).square().mean().backward()
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        out = forward(x, t)
+    out.float().square().mean().backward()
 
 
 def bench_unet(args):
     device = pick_device(args.device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     print(f"== unet: forward+backward on {device} ({torch.get_num_threads()} threads, "
-          f"{'channels_last' if args.channels_last else 'NCHW'}), median of {args.repeats} interleaved repeats")
+          f"{'channels_last' if args.channels_last else 'NCHW'}, {args.amp or 'fp32'}), "
+          f"median of {args.repeats} interleaved repeats")
     warn_if_busy()
     for preset, batch in UNET_CASES:
         batch = args.batch or batch
@@ -109,12 +114,12 @@ def bench_unet(args):
 
         memory, warm = {}, time.perf_counter()
         for name, model in models.items():  # warm up, and measure each model's own peak
-            fwd_bwd(*model, x, t)
+            fwd_bwd(*model, x, t, amp)
             model[0].zero_grad(set_to_none=True)
             sync(device)
             reset_peak_memory(device)
             before = peak_memory_mb(device)
-            fwd_bwd(*model, x, t)
+            fwd_bwd(*model, x, t, amp)
             sync(device)
             memory[name] = (peak_memory_mb(device), peak_memory_mb(device) - before)
         # Enough passes per repeat that one repeat takes about half a second.
@@ -124,7 +129,7 @@ def bench_unet(args):
             for name, model in models.items():
                 start = time.perf_counter()
                 for _ in range(passes):
-                    fwd_bwd(*model, x, t)
+                    fwd_bwd(*model, x, t, amp)
                 sync(device)
                 times[name].append((time.perf_counter() - start) / passes)
 
@@ -151,12 +156,16 @@ def main():
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per model (default 7)")
     p.add_argument("--batch", type=int, help="override every case's batch size")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast both networks (default: fp32)")
     p.add_argument("--channels-last", action="store_true",
                    help="run both networks in channels_last (NHWC); on this 2-core CPU it was no faster")
     args = p.parse_args()
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for name in args.sections or SECTIONS:
         SECTIONS[name](args)
 
