@@ -14,7 +14,9 @@ import time
 
 import torch
 
+import common
 import unet
+from ddpm import Diffusion
 
 # (preset, batch) pairs for the unet section: cifar10 is 6 GMAC per image, so keep its batch small on CPU.
 UNET_CASES = [("cifar10", 8), ("digits", 128)]
@@ -25,10 +27,6 @@ def warn_if_busy():
     if load > 0.5 * cores:
         print(f"  warning: load average {load:.1f} on {cores} cores: other processes compete, timings are noisy\n"
               f"  (busy-waiting OpenMP threads then slow torch down badly: try OMP_WAIT_POLICY=PASSIVE or --threads 1)")
-
-
-def pick_device(name=None):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def sync(device):
@@ -89,7 +87,7 @@ def fwd_bwd(module, forward, x, t, amp=None):
 
 
 def bench_unet(args):
-    device = pick_device(args.device)
+    device = common.pick_device(args.device or "auto")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     print(f"== unet: forward+backward on {device} ({torch.get_num_threads()} threads, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {args.amp or 'fp32'}), "
@@ -147,7 +145,36 @@ def bench_unet(args):
         del ours, twin, models
 
 
-SECTIONS = {"unet": bench_unet}
+def bench_sample(args):
+    """sample.py's Algorithm 2: 64 digits, all 1,000 steps, against its baseline, the same 1,000
+    network calls alone, so the ratio is what the sampler adds around the network."""
+    import sample
+    device = common.pick_device(args.device or "auto")
+    print(f"== sample: 64 digits x 1000 steps on {device} ({torch.get_num_threads()} threads), "
+          f"median of {max(1, args.repeats // 2)} interleaved repeats")
+    warn_if_busy()
+    torch.manual_seed(0)
+    model, diffusion = unet.build("digits").to(device).eval(), Diffusion()
+    x = torch.randn(64, 1, 8, 8, device=device)
+    times = {"sample.generate": [], "network alone": []}
+    with torch.inference_mode():
+        for _ in range(max(1, args.repeats // 2)):
+            start = time.perf_counter()
+            sample.generate(model, diffusion, 64, device=device, progress=False)
+            sync(device)
+            times["sample.generate"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for t in range(diffusion.T, 0, -1):
+                model(x, t)
+            sync(device)
+            times["network alone"].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"  {k:16s} {v:6.1f} s")
+    print(f"  ratio sampler/network: {med['sample.generate'] / med['network alone']:.3f} (1.0: no overhead)")
+
+
+SECTIONS = {"unet": bench_unet, "sample": bench_sample}
 
 
 def main():

@@ -172,3 +172,11 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     step = common.load_checkpoint("r")["step"]
     assert step >= 10 and f"saved step {step}" in out
     assert run("--resume", "r", "--steps", str(step + 2)) == 0
+
+
+def test_torchvision_dataset_without_torchvision_or_internet_is_one_line(capsys):
+    """No torchvision here: a message to install it; with torchvision but offline: a download message."""
+    assert run(*TINY, "--dataset", "mnist", "--steps", "2", "--out", "m") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("pip install torchvision" in err or "could not download" in err)
+    assert not os.path.exists("m")
