@@ -223,9 +223,8 @@ _DOWNLOAD_HINT = ("download it first, e.g. `huggingface-cli download google/ddpm
 # `query`/`key`/`value`/`proj_attn` are the deprecated names still stored in the original ports.
 _RENAMES = [
     (r"^time_embedding\.linear_1\.", "time_mlp.0."), (r"^time_embedding\.linear_2\.", "time_mlp.2."),
-    (r"^conv_norm_out\.", "norm_out."),
-    (r"^mid_block\.resnets\.0\.", "mid_res1."), (r"^mid_block\.resnets\.1\.", "mid_res2."),
-    (r"^mid_block\.attentions\.0\.", "mid_attn."),
+    (r"^conv_norm_out\.", "norm_out."), (r"^mid_block\.resnets\.0\.", "mid_res1."),
+    (r"^mid_block\.resnets\.1\.", "mid_res2."), (r"^mid_block\.attentions\.0\.", "mid_attn."),
     (r"^(down|up)_blocks\.(\d+)\.resnets\.", r"\1.\2.res."),
     (r"^(down|up)_blocks\.(\d+)\.attentions\.", r"\1.\2.attn."),
     (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"down.\1.downsample."),
@@ -305,8 +304,7 @@ def _from_diffusers(sd: dict, ours: dict, source) -> dict:
         if len(parts) != 3:
             raise ValueError(f"{source}: missing attention part(s) {sorted({'q', 'k', 'v'} - set(parts))} of {target}")
         out[target] = torch.cat([parts["q"], parts["k"], parts["v"]])  # our fused [q; k; v] layout
-    missing = [k for k in ours if k not in out]
-    if missing:
+    if missing := [k for k in ours if k not in out]:
         raise ValueError(f"{source}: missing {len(missing)} parameter(s), e.g. {missing[0]!r} (our name)")
     for k, w in out.items():
         if w.shape != ours[k].shape:
@@ -338,7 +336,6 @@ def load_pretrained(path, config_path=None) -> UNet:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     else:
         raise ValueError(f"{path}: expected a .safetensors or .bin weights file")
-
     if config_path is None and (path.parent / "config.json").is_file():
         config_path = path.parent / "config.json"
     if config_path is not None:
