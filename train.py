@@ -7,6 +7,7 @@
 Writes runs/<config>/: ckpt.pt (model, EMA, optimizer, step, RNG, config), samples.png,
 loss.csv and loss.png. `python train.py --resume` continues the latest run.
 """
+import argparse
 import copy
 import csv
 import math
@@ -47,7 +48,7 @@ def int_tuple(text):
 
 
 def parse_args(argv=None):
-    p = common.Parser(description=__doc__.split("\n")[0], formatter_class=__import__("argparse").RawTextHelpFormatter)
+    p = common.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="digits", help=f"starting values: {', '.join(CONFIGS)} (default digits)")
     p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, or a folder of images")
     p.add_argument("--preset", help=f"network preset from unet.py: {', '.join(unet.PRESETS)}")
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=float, help="EMA decay (warmed up as min(decay, (1+k)/(10+k)))")
     p.add_argument("--dropout", type=float, help="dropout in the residual blocks")
     p.add_argument("--T", type=common.positive(), help="diffusion steps (linear betas scaled by 1000/T)")
-    p.add_argument("--flip", action=__import__("argparse").BooleanOptionalAction, help="random horizontal flips")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     p.add_argument("--log-every", type=common.positive(), help="steps between loss.csv rows")
     p.add_argument("--ckpt-every", type=common.positive(), help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, help="steps between sample grids (0: only at the end)")
@@ -227,7 +228,7 @@ def main(argv=None):
     stop = {"flag": False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))  # finish the step, save, exit
     bar = tqdm(total=config["steps"], initial=step, disable=rank != 0, dynamic_ncols=True, unit="step")
-    b, t0, last_good, done_ok = B // world, time.time(), None, True
+    b, t0, done_ok = B // world, time.time(), True
     model.train()
     while step < config["steps"]:
         idx = global_batch(step, len(images), B, config["seed"])
