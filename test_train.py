@@ -32,7 +32,8 @@ def rows(out):
 
 
 def test_short_digits_run_lowers_the_loss_and_writes_its_files():
-    assert run(*TINY, "--steps", "60", "--lr", "2e-3", "--warmup", "10", "--out", "r") == 0
+    assert run(*TINY, "--steps", "60", "--lr", "2e-3", "--warmup", "10", "--sample-every", "30", "--out", "r") == 0
+    assert os.path.exists("r/samples_0000030.png")  # a grid every --sample-every steps
     losses = [float(r["loss"]) for r in rows("r")]
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2])
     ckpt = common.load_checkpoint("r")
