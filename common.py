@@ -19,6 +19,11 @@ class UsageError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
 
 
+def first_line(e, limit=200):
+    """An exception's first line, shortened: enough to say why, in a one-line error."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:limit]
+
+
 def run(main):
     """Run a program's main(), turning UsageError into 'error: ...' and exit code 2."""
     try:
@@ -88,7 +93,7 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is not a readable checkpoint (corrupt or not written by train.py): "
-                         f"{str(e).splitlines()[0][:200]}") from None
+                         f"{first_line(e)}") from None
     if not isinstance(ckpt, dict) or not {"model", "ema", "config", "model_config"} <= ckpt.keys():
         raise UsageError(f"{path} is not a checkpoint written by train.py (missing model/ema/config)")
     return ckpt
@@ -110,7 +115,7 @@ def model_from_checkpoint(ckpt, ema=True):
     try:
         model.load_state_dict(ckpt["ema" if ema else "model"])
     except RuntimeError as e:
-        raise UsageError(f"checkpoint weights do not fit its own configuration: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"checkpoint weights do not fit its own configuration: {first_line(e)}") from None
     cfg = ckpt["config"]
     return model.eval(), Diffusion(linear_betas(cfg["T"]), sigma=cfg.get("sigma", "beta"))
 
@@ -163,7 +168,7 @@ def _torchvision(name, split, root):
     try:
         ds = cls(root, train=(split == "train"), download=True)
     except Exception as e:  # offline, or the mirror is down
-        raise UsageError(f"could not download {name} into {root}/ ({str(e).splitlines()[0][:120]}); "
+        raise UsageError(f"could not download {name} into {root}/ ({first_line(e, 120)}); "
                          f"connect to the internet once, or copy the files there") from None
     images = torch.as_tensor(np.asarray(ds.data))
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC -> NCHW

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import sample
 from common import UsageError
 from ddpm import Diffusion
 
@@ -137,15 +138,6 @@ def quantize(x, levels):
     return common.to_model_range(((x.clamp(-1, 1) + 1) * (levels - 1) / 2).round(), levels)
 
 
-@torch.no_grad()
-def generate(model, diffusion, n, shape, batch_size, generator, device, bar):
-    """n samples by Algorithm 2 with clipping (the authors' sampler), in [-1, 1], on the CPU."""
-    tick = lambda *_: bar.update()  # noqa: E731
-    return torch.cat([diffusion.p_sample_loop(model, (min(batch_size, n - k), *shape), clip=True,
-                                              generator=generator, device=device, callback=tick).cpu()
-                      for k in range(0, n, batch_size)])
-
-
 def load_samples(path, shape):
     """Images from sample.py, an .npz (arr_0: uint8 [N, H, W, C]) or a folder of PNGs -> uint8 [N, C, H, W]."""
     if os.path.isfile(os.path.join(path, "samples.npz")):  # sample.py's folder: not its grid.png and figures
@@ -154,7 +146,7 @@ def load_samples(path, shape):
         try:
             arr = np.load(path)["arr_0"]
         except Exception as e:
-            raise UsageError(f"{path} is not an .npz with arr_0: {str(e).splitlines()[0][:120]}") from None
+            raise UsageError(f"{path} is not an .npz with arr_0: {common.first_line(e, 120)}") from None
         if arr.dtype != np.uint8 or arr.ndim != 4:
             raise UsageError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {arr.dtype} {list(arr.shape)}")
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
@@ -163,8 +155,7 @@ def load_samples(path, shape):
     else:
         raise UsageError(f"no sample folder or .npz file at {path}: write one with `python sample.py`")
     if tuple(x.shape[1:]) != tuple(shape):
-        raise UsageError(f"{path} holds {'x'.join(map(str, x.shape[1:]))} images, the model makes "
-                         f"{'x'.join(map(str, shape))}")
+        raise UsageError(f"{path} holds {dims(x.shape[1:])} images, the model makes {dims(shape)}")
     return x
 
 
@@ -188,7 +179,7 @@ def inception_metrics(samples, reference, device):
                                              cuda=device.type == "cuda", verbose=False)
     except OSError as e:  # URLError, ConnectionError: the Inception weights are downloaded on first use
         raise UsageError(f"torch-fidelity could not fetch its Inception weights (offline?): "
-                         f"{str(e).splitlines()[0][:120]}; connect once so they are cached") from None
+                         f"{common.first_line(e, 120)}; connect once so they are cached") from None
     return dict(fid=m["frechet_inception_distance"], inception_score=m["inception_score_mean"],
                 inception_score_std=m["inception_score_std"])
 
@@ -255,9 +246,7 @@ def main(argv=None):
     if quality:
         t0 = time.time()
         if samples is None:  # the authors' sampler, with the weights evaluated above
-            g = torch.Generator(device).manual_seed(args.seed + 1)
-            with tqdm(total=-(-args.n_samples // args.batch_size) * diffusion.T, desc="samples", unit="step") as bar:
-                x = generate(model, diffusion, args.n_samples, shape, args.batch_size, g, device, bar)
+            x = sample.generate(model, diffusion, args.n_samples, args.batch_size, args.seed + 1, device, clip=True)
             source = f"generated: Algorithm 2 with clipping, {weights} weights"
         else:
             x, source = common.to_model_range(samples, 256), args.samples

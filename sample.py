@@ -50,10 +50,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def first_line(e):
-    return (str(e).splitlines() or [type(e).__name__])[0][:300]
-
-
 def load(args):
     """(network, Diffusion with the sampler's sigma, training config or None, directory of the weights)."""
     if args.pretrained:
@@ -62,7 +58,7 @@ def load(args):
         try:
             model = unet.load_pretrained(args.pretrained)
         except Exception as e:  # missing, corrupt (safetensors or pickle errors), or another architecture
-            raise UsageError(f"cannot load --pretrained {args.pretrained}: {first_line(e)}") from None
+            raise UsageError(f"cannot load --pretrained {args.pretrained}: {common.first_line(e, 300)}") from None
         # The authors sampled CIFAR-10 with sigma^2 = beta and the 256x256 models with beta~ (T = 1000, linear).
         sigma = args.sigma or ("beta" if model.image_size <= 32 else "beta_tilde")
         where = args.pretrained if os.path.isdir(args.pretrained) else os.path.dirname(args.pretrained)
@@ -72,7 +68,7 @@ def load(args):
     try:
         model, diffusion = common.model_from_checkpoint(ckpt, ema=not args.no_ema)
     except (KeyError, TypeError, ValueError) as e:  # written by another version of train.py / unet.py
-        raise UsageError(f"{path} does not fit this version of unet.py/ddpm.py: {first_line(e)}") from None
+        raise UsageError(f"{path} does not fit this version of unet.py/ddpm.py: {common.first_line(e, 300)}") from None
     if args.sigma:
         diffusion = Diffusion(diffusion.beta[1:], args.sigma)  # same schedule, other variance
     return model, diffusion, ckpt["config"], path if os.path.isdir(path) else os.path.dirname(path)

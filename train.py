@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--ch-mult", type=int_tuple, help="channel multiplier per resolution, e.g. 1,2,2")
     p.add_argument("--num-res-blocks", type=common.positive(), help="residual blocks per resolution")
     p.add_argument("--attn-resolutions", type=int_tuple, help="resolutions with self-attention, e.g. 16 ('' for none)")
-    p.add_argument("--image-size", type=common.positive(), help="resize images to this square size (default: as stored)")
+    p.add_argument("--image-size", type=common.positive(),
+                   help="resize images to this square size (default: as stored)")
     p.add_argument("--steps", type=common.positive(), help="total optimizer steps")
     p.add_argument("--batch-size", type=common.positive(), help="global batch size (split across GPUs)")
     p.add_argument("--lr", type=common.positive(float), help="Adam learning rate after warm-up")
@@ -196,7 +197,8 @@ def main(argv=None):
             raise UsageError(f"{out} is already trained to step {step}: pass a larger --steps to continue")
     net = model
     if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if args.compile:
         net = torch.compile(net)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
@@ -272,7 +274,8 @@ def main(argv=None):
                 save(step)
                 write_loss_plot(log_path, os.path.join(out, "loss.png"))
             if config["sample_every"] and step % config["sample_every"] == 0 and step < config["steps"]:
-                sample_grid(diffusion, ema.eval(), config, (16, C, H, H), device, os.path.join(out, f"samples_{step:07d}.png"))
+                path = os.path.join(out, f"samples_{step:07d}.png")
+                sample_grid(diffusion, ema.eval(), config, (16, C, H, H), device, path)
         if stopping:
             bar.close()
             if rank == 0:
