@@ -1,9 +1,11 @@
-"""Plumbing shared by train.py, sample.py and evaluate.py: errors, devices, checkpoints, data, images.
+"""What train.py, sample.py and evaluate.py share: errors, devices, files, checkpoints, data, pictures,
+and the sampler all three call.
 
 Nothing here is diffusion math (that is ddpm.py) or network (unet.py).
 """
 import argparse
 import glob
+import math
 import os
 import sys
 
@@ -42,14 +44,26 @@ class Parser(argparse.ArgumentParser):
 
 
 def positive(kind=int):
-    """argparse type for positive numbers, so `--steps 0` fails with a clear message."""
+    """argparse type for positive finite numbers, so `--steps 0` or `--lr nan` fails with a clear message."""
+    return number(kind, lo=0, lo_open=True)
+
+
+def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
+    """argparse type for a finite number in a range, e.g. number(float, 0, 1, hi_open=True) is [0, 1)."""
     def parse(text):
         value = kind(text)  # a ValueError becomes argparse's "invalid int value"
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) \
+                or (hi is not None and (value >= hi if hi_open else value > hi)):
+            raise argparse.ArgumentTypeError(f"must be {_range_text(lo, hi, lo_open, hi_open)}, got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def _range_text(lo, hi, lo_open, hi_open):
+    if hi is None:
+        return "positive" if lo == 0 and lo_open else f"at least {lo}" if lo is not None else "a finite number"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
 # ---- devices ------------------------------------------------------------------------------------
@@ -72,30 +86,53 @@ def pick_device(name=None):
     return device
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
-def save_checkpoint(obj, path):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+# ---- files ---------------------------------------------------------------------------------------
+def check_writable(path):
+    """Fail now, in one line, if the directory `path` (made later if missing) could not be written:
+    before any expensive work, and without creating anything."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"cannot write to {path}: {existing} is a file, not a directory; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {path}: {existing} is not writable; choose another --out")
+    return path
+
+
+def write_atomic(path, write, mode="w"):
+    """write(f) into a temporary file, then rename it over `path`: a crash leaves the old file whole."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """Load a checkpoint written by train.py (safely: weights_only=True)."""
+# ---- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(obj, path):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def load_checkpoint(path, needs=("T", "dataset")):
+    """Load a checkpoint written by train.py (safely: weights_only=True), checking its config has `needs`."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: run `python train.py` first, or pass an existing file")
+    from unet import load_tensors
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable checkpoint (corrupt or not written by train.py): "
-                         f"{first_line(e)}") from None
+        ckpt = load_tensors(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not isinstance(ckpt, dict) or not {"model", "ema", "config", "model_config"} <= ckpt.keys():
         raise UsageError(f"{path} is not a checkpoint written by train.py (missing model/ema/config)")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model_config"], dict) \
+            or (missing := [k for k in needs if k not in ckpt["config"]]):
+        raise UsageError(f"{path} was written by another version of train.py: its config lacks "
+                         f"{', '.join(missing) if isinstance(ckpt['config'], dict) else 'everything'}")
     return ckpt
 
 
@@ -107,17 +144,35 @@ def latest_checkpoint():
     return max(found, key=os.path.getmtime)
 
 
-def model_from_checkpoint(ckpt, ema=True):
-    """Rebuild the network and the diffusion from a checkpoint (no flags needed)."""
-    from ddpm import Diffusion, linear_betas
-    from unet import UNet
-    model = UNet(**ckpt["model_config"])
+def restore(module, state, path, what="weights"):
+    """module.load_state_dict(state), with a one-line error when the checkpoint does not fit."""
     try:
-        model.load_state_dict(ckpt["ema" if ema else "model"])
-    except RuntimeError as e:
-        raise UsageError(f"checkpoint weights do not fit its own configuration: {first_line(e)}") from None
-    cfg = ckpt["config"]
-    return model.eval(), Diffusion(linear_betas(cfg["T"]), sigma=cfg.get("sigma", "beta"))
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path}: its {what} do not fit its own configuration ({first_line(e, 150)})") from None
+
+
+def make_diffusion(config, sigma=None):
+    """The one place a run's configuration becomes its Diffusion: the paper's linear schedule over
+    config["T"], its sigma (or `sigma` instead) and its parameterisation (older runs: eps, beta)."""
+    from ddpm import Diffusion, linear_betas
+    return Diffusion(linear_betas(config["T"]), sigma=sigma or config.get("sigma", "beta"),
+                     predict=config.get("predict", "eps"))
+
+
+def load_run(path, ema=True, sigma=None):
+    """(network in eval mode, its Diffusion, the checkpoint) of a train.py run, needing no flags: the one
+    loader of sample.py and evaluate.py. sigma: sample with another fixed variance than the run's."""
+    from unet import UNet
+    ckpt = load_checkpoint(path)
+    if sigma and ckpt["config"].get("sigma") == "learned":
+        raise UsageError(f"{path} learned its variance (--sigma learned): leave --sigma out")
+    try:
+        model = UNet(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{path} does not fit this version of unet.py: {first_line(e, 150)}") from None
+    restore(model, ckpt["ema" if ema else "model"], path, "EMA weights" if ema else "weights")
+    return model.eval(), make_diffusion(ckpt["config"], sigma), ckpt
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -234,6 +289,39 @@ def save_image(im, path, force=True):
     """Save a PIL image atomically; refuse to replace an existing file unless force."""
     if os.path.exists(path) and not force:
         raise UsageError(f"{path} exists: pass --force to overwrite it, or choose another --out")
-    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
-    im.save(tmp)
-    os.replace(tmp, path)
+    fmt = (os.path.splitext(path)[1][1:] or "png").upper().replace("JPG", "JPEG")
+    write_atomic(path, lambda f: im.save(f, format=fmt), "wb")
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+GROUP = 1000  # images per run of Algorithm 2: bounds the memory x_t takes when n is large (FID: 50,000)
+
+
+@torch.inference_mode()
+def generate(model, diffusion, n, batch_size=64, seed=0, device="cpu", clip=True, callback=None, progress=True):
+    """Algorithm 2 for n images, as every program draws them; returns x_0 [n, C, H, W] on the CPU.
+
+    Randomness: the images come in groups of GROUP, each group from its own generator seeded with
+    (seed, group index), which draws x_T for the whole group and then each step's z, in order. The network
+    sees the group in chunks of batch_size, so batch_size changes memory, not the images (up to float
+    rounding in batched convolutions). callback(t, x_t, x0_hat) is called at each step of the first group.
+    """
+    def chunked(x, t):  # at most batch_size images per network call
+        return torch.cat([model(xb, tb) for xb, tb in zip(x.split(batch_size), t.split(batch_size))])
+
+    def step(t, x_t, x0_hat):
+        bar.update()  # reads no tensor, so a GPU never waits for the host
+        if callback is not None and not out:  # the first group only
+            callback(t, x_t, x0_hat)
+
+    from tqdm import tqdm
+    shape = (model.in_channels, model.image_size, model.image_size)
+    groups = range(0, n, GROUP)
+    bar = tqdm(total=len(groups) * diffusion.T, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    out = []
+    for g, start in enumerate(groups):
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + g)
+        x = diffusion.p_sample_loop(chunked, (min(GROUP, n - start), *shape), clip, gen, device, step)
+        out.append(x.cpu())
+    bar.close()
+    return torch.cat(out)

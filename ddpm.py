@@ -1,8 +1,10 @@
 """The mathematics of DDPM (Ho, Jain & Abbeel 2020), Sections 2-3 and Appendix A.
 
 Read this file beside the paper: every function names the equation it implements.
-It knows nothing of neural networks: the model is any callable eps_model(x_t, t)
-that returns a tensor shaped like x_t (an estimate of the noise epsilon).
+It knows nothing of neural networks: the model is any callable model(x_t, t) that
+returns a tensor shaped like x_t: the noise epsilon (the paper's choice, Eq. 11), or
+x_0, or the reverse mean itself (Sec. 3.2's alternatives); with a learned variance,
+twice x_t's channels, the second half a log-variance.
 
 Time convention. Public functions take the PAPER's t in {1, ..., T}: x_0 is data,
 x_T is (almost) pure noise, and t = 1 is the last reverse step. Every table below
@@ -26,8 +28,8 @@ def linear_betas(T=1000, beta_1=1e-4, beta_T=0.02):
 
     For T != 1000 both ends are scaled by 1000 / T (as Nichol & Dhariwal 2021 do),
     which keeps sum(beta) ~ -log(alpha_bar_T) ~ 10, so x_T stays close to N(0, I)
-    for any T. For T < 50 the scaled beta would exceed 1; it is capped at 0.999 so
-    that it remains a variance.
+    for any T. For T <= 20 the scaled beta_T = 20 / T reaches 1; it is capped at
+    0.999 so that it remains a variance.
     """
     if T < 1:
         raise ValueError(f"T must be a positive integer, got {T}")
@@ -67,39 +69,54 @@ def discretized_gaussian_log_likelihood(x0, mean, log_var, levels=256):
     return log_hi + torch.log(-torch.expm1(torch.special.log_ndtr(lo) - log_hi))
 
 
+PREDICT = ("eps", "x0", "mean")         # what the network outputs (Sec. 3.2; eps is the paper's)
+SIGMA = ("beta", "beta_tilde", "learned")  # the reverse variance sigma_t^2 (Sec. 3.2, Table 2)
+OBJECTIVES = ("simple", "vlb")          # Table 2's objectives: unweighted MSE, or the true bound L
+
+
 class Diffusion:
     """Schedule constants (Eqs. 2, 4, 7) and the processes built on them.
 
     betas: float tensor [T] of beta_1..beta_T in (0, 1); defaults to linear_betas().
-    sigma: the reverse-process variance sigma_t^2 of Sec. 3.2, "beta" (sigma^2 =
-      beta_t; the authors' CIFAR-10 sampler) or "beta_tilde" (sigma^2 = beta~_t;
-      their 256x256 samplers). The paper reports "similar results" for both.
+    sigma: the reverse-process variance of Sec. 3.2: "beta" (sigma_t^2 = beta_t; the
+      authors' CIFAR-10 setting), "beta_tilde" (their 256x256 setting), or "learned"
+      (Table 2's learned diagonal Sigma: the network outputs a raw log-variance, as in the
+      authors' code, so Table 2's rows mean what they meant; Nichol & Dhariwal's later
+      interpolation between log beta and log beta~ is not implemented).
+    predict: what the network outputs: "eps" (Eq. 11), "x0", or "mean" (mu_theta itself).
     """
 
-    def __init__(self, betas=None, sigma="beta"):
+    def __init__(self, betas=None, sigma="beta", predict="eps"):
         betas = linear_betas() if betas is None else torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) == 0 or not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas must be a non-empty 1-D sequence of values in (0, 1)")
-        if sigma not in ("beta", "beta_tilde"):
-            raise ValueError(f"sigma must be 'beta' or 'beta_tilde', got {sigma!r}")
-        self.T, self.sigma = len(betas), sigma
+        if sigma not in SIGMA:
+            raise ValueError(f"sigma must be one of {', '.join(SIGMA)}, got {sigma!r}")
+        if predict not in PREDICT:
+            raise ValueError(f"predict must be one of {', '.join(PREDICT)}, got {predict!r}")
+        self.T, self.sigma, self.predict = len(betas), sigma, predict
         zero = torch.zeros(1, dtype=torch.float64)
         self.beta = torch.cat([zero, betas])                    # beta[0] = 0 is unused
         self.alpha = 1.0 - self.beta                            # Eq. 4: alpha_t = 1 - beta_t
         self.alpha_bar = torch.cumprod(self.alpha, dim=0)       # Eq. 4: alpha_bar_0 = 1
         a_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        one_minus = (1.0 - self.alpha_bar).clamp(min=1e-300)
         # Eq. 7. beta_tilde[1] = 0 exactly: given x_1 and x_0, x_0 is known.
-        self.beta_tilde = (1.0 - a_bar_prev) / (1.0 - self.alpha_bar).clamp(min=1e-300) * self.beta
+        self.beta_tilde = (1.0 - a_bar_prev) / one_minus * self.beta
         self.beta_tilde[0] = 0.0
-        self.mu_tilde_coef_x0 = a_bar_prev.sqrt() * self.beta / (1.0 - self.alpha_bar).clamp(min=1e-300)
-        self.mu_tilde_coef_xt = self.alpha.sqrt() * (1.0 - a_bar_prev) / (1.0 - self.alpha_bar).clamp(min=1e-300)
-        # log beta_tilde_1 = -inf would poison the t = 1 terms; like the authors we
-        # use beta_tilde_2 there. Only L_0 (the decoder) sees it: no noise is
-        # added at t = 1, so sampling is unaffected.
+        self.mu_tilde_coef_x0 = a_bar_prev.sqrt() * self.beta / one_minus
+        self.mu_tilde_coef_xt = self.alpha.sqrt() * (1.0 - a_bar_prev) / one_minus
+        # log beta~_1 = -inf would poison the t = 1 terms. The authors use log beta~_2 there, for
+        # sigma^2 = beta~ AND for sigma^2 = beta ("to get a better decoder log likelihood"), so only
+        # the decoder L_0 sees it: no noise is added at t = 1, so sampling is unaffected.
+        log_var_t1 = torch.log(self.beta_tilde[2]) if self.T > 1 else torch.log(self.beta[1])
         self.log_beta_tilde = torch.log(self.beta_tilde.clamp(min=1e-300))
-        self.log_beta_tilde[1] = torch.log(self.beta_tilde[2]) if self.T > 1 else math.log(self.beta[1])
-        self.sigma2 = self.beta if sigma == "beta" else self.beta_tilde
-        self.log_sigma2 = torch.log(self.beta.clamp(min=1e-300)) if sigma == "beta" else self.log_beta_tilde
+        self.log_beta_tilde[1] = log_var_t1
+        log_beta = torch.log(self.beta.clamp(min=1e-300))
+        log_beta[1] = log_var_t1
+        # sigma2 is the paper's sigma_t^2 (Eq. 12 uses it); log_sigma2 is what the reverse process uses.
+        self.sigma2 = {"beta": self.beta, "beta_tilde": self.beta_tilde}.get(sigma)
+        self.log_sigma2 = {"beta": log_beta, "beta_tilde": self.log_beta_tilde}.get(sigma)
         self._cache = {}
 
     def gather(self, name, t, x):
@@ -129,7 +146,8 @@ class Diffusion:
     def q_posterior(self, x0, xt, t):
         """Eqs. 6-7: q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I); returns (mu_tilde, var, log_var).
 
-        At t = 1 the variance is 0 and log_var is log(beta_tilde_2) (see __init__).
+        At t = 1 the pair does not match: var is beta~_1 = 0 but log_var is log beta~_2 (see
+        __init__), so that the KL and decoder formulas stay finite; no caller uses that KL.
         """
         mean = self.gather("mu_tilde_coef_x0", t, xt) * x0 + self.gather("mu_tilde_coef_xt", t, xt) * xt
         return mean, self.gather("beta_tilde", t, xt).expand_as(xt), self.gather("log_beta_tilde", t, xt).expand_as(xt)
@@ -140,35 +158,54 @@ class Diffusion:
         a_bar = self.gather("alpha_bar", t, xt)
         return (xt - (1.0 - a_bar).sqrt() * eps) / a_bar.sqrt()
 
-    def p_mean_var(self, eps_model, xt, t, clip=False):
-        """Eq. 11: mu_theta(x_t, t) = mu_tilde_t(x_t, x0_hat(eps_theta)); returns (mean, var, log_var, x0_hat).
+    def mean_from_output(self, output, xt, t, clip=False):
+        """Sec. 3.2: the reverse mean mu_theta(x_t, t) and x0_hat from the network's output.
 
-        Unclipped, this equals (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t),
-        the form in Algorithm 2 (test_math checks it). clip=True clamps x0_hat to
-        [-1, 1] BEFORE forming the mean, as the authors' sampler did.
+        eps:  x0_hat by Eq. 15, mu_theta = mu_tilde_t(x_t, x0_hat) (Eq. 11).
+        x0:   x0_hat = output, mu_theta = mu_tilde_t(x_t, x0_hat) (Eq. 7).
+        mean: mu_theta = output ("mu~ prediction"); x0_hat by solving Eq. 7 for x_0.
+        clip clamps x0_hat to [-1, 1] BEFORE the mean is formed (the authors' sampler); for
+        "mean" it clamps only the reported x0_hat: the mean is the network's, as in their code.
+        """
+        if self.predict == "mean":
+            c0, ct = self.gather("mu_tilde_coef_x0", t, xt), self.gather("mu_tilde_coef_xt", t, xt)
+            x0_hat = (output - ct * xt) / c0
+            return output, x0_hat.clamp(-1.0, 1.0) if clip else x0_hat
+        x0_hat = self.predict_x0(xt, t, output) if self.predict == "eps" else output
+        if clip:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+        return self.q_posterior(x0_hat, xt, t)[0], x0_hat
+
+    def p_mean_var(self, model, xt, t, clip=False):
+        """Eq. 1: p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I); returns (mean, log_var, x0_hat).
+
+        For eps, unclipped, the mean is (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t),
+        the form in Algorithm 2 (test_math checks it). A learned log sigma_t^2 is the second half
+        of the output's channels.
         """
         if isinstance(t, int):
             t = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-        x0_hat = self.predict_x0(xt, t, eps_model(xt, t))
-        if clip:
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
-        mean, _, _ = self.q_posterior(x0_hat, xt, t)
-        var = self.gather("sigma2", t, xt).expand_as(xt)
-        return mean, var, self.gather("log_sigma2", t, xt).expand_as(xt), x0_hat
+        output = model(xt, t)
+        if self.sigma == "learned":
+            output, log_var = output.chunk(2, dim=1)
+        else:
+            log_var = self.gather("log_sigma2", t, xt).expand_as(xt)
+        mean, x0_hat = self.mean_from_output(output, xt, t, clip)
+        return mean, log_var, x0_hat
 
-    def p_sample_step(self, eps_model, xt, t, clip=False, generator=None):
+    def p_sample_step(self, model, xt, t, clip=False, generator=None):
         """Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at t = 1.
 
         t is a python int (the whole batch is at one step). Returns (x_{t-1}, x0_hat).
         """
-        mean, var, _, x0_hat = self.p_mean_var(eps_model, xt, t, clip)
+        mean, log_var, x0_hat = self.p_mean_var(model, xt, t, clip)
         if t == 1:  # "At the end of sampling, we display mu_theta(x_1, 1) noiselessly."
             return mean, x0_hat
         z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
-        return mean + var.sqrt() * z, x0_hat
+        return mean + torch.exp(0.5 * log_var) * z, x0_hat
 
     @torch.no_grad()
-    def p_sample_loop(self, eps_model, shape, clip=False, generator=None, device="cpu", callback=None):
+    def p_sample_loop(self, model, shape, clip=False, generator=None, device="cpu", callback=None):
         """Algorithm 2: x_T ~ N(0, I), then t = T, ..., 1; returns x_0.
 
         generator: a torch.Generator on `device`, for reproducible samples.
@@ -177,32 +214,48 @@ class Diffusion:
         """
         x = torch.randn(shape, generator=generator, device=device)
         for t in range(self.T, 0, -1):
-            x_prev, x0_hat = self.p_sample_step(eps_model, x, t, clip, generator)
+            x_prev, x0_hat = self.p_sample_step(model, x, t, clip, generator)
             if callback is not None:
                 callback(t, x, x0_hat)
             x = x_prev
         return x
 
-    # ---- training (Sec. 3.4) ------------------------------------------------------
-    def training_loss(self, eps_model, x0, t=None, noise=None, generator=None):
-        """Algorithm 1 / Eq. 14: L_simple = ||eps - eps_theta(sqrt(a_bar) x_0 + sqrt(1 - a_bar) eps, t)||^2.
+    # ---- training (Sec. 3.4, Table 2) -----------------------------------------------
+    def training_loss(self, model, x0, t=None, noise=None, generator=None, objective="simple", levels=256):
+        """Algorithm 1 with Table 2's objectives, for t ~ Uniform{1..T} and eps ~ N(0, I) unless given.
 
-        t ~ Uniform{1..T} and eps ~ N(0, I) unless given. Like the authors, the
-        squared error is averaged over dimensions (not summed): a constant factor.
+        simple: the unweighted MSE of the output against its own target: eps (Eq. 14, L_simple),
+          x_0, or mu_tilde_t(x_t, x_0) (Table 2's "||mu~ - mu~_theta||^2"). Averaged over
+          dimensions, as the authors did (a constant factor). No row of the paper pairs it with
+          a learned variance, which it would leave untrained: refused.
+        vlb: T * L_{t-1} in bits/dim (T * L_0 at t = 1): an unbiased estimate of the bound of
+          Eq. 5 without L_T, which has no parameters. levels: the data's grey levels, for L_0.
         Returns the mean over the batch.
         """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if objective == "simple" and self.sigma == "learned":
+            raise ValueError("a learned variance needs the bound as its objective (objective='vlb')")
         if t is None:
             t = torch.randint(1, self.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        eps = eps_model(self.q_sample(x0, t, noise), t)
-        return (noise - eps).pow(2).mean()
+        xt = self.q_sample(x0, t, noise)
+        if objective == "vlb":
+            return self.T * self.vb_term_bpd(model, x0, xt, t, levels).mean()
+        target = {"eps": noise, "x0": x0}.get(self.predict)
+        if target is None:
+            target = self.q_posterior(x0, xt, t)[0]
+        return (target - model(xt, t)).pow(2).mean()
 
     def eq12_weight(self, t):
         """Eq. 12: lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)), float64.
 
-        L_{t-1} = lambda_t ||eps - eps_theta||^2 + C. L_simple sets it to 1.
+        L_{t-1} = lambda_t ||eps - eps_theta||^2 + C for t > 1; L_simple sets it to 1. At t = 1
+        it is no KL weight (L_0 is the decoder), and with sigma^2 = beta~ it is infinite there.
         """
+        if self.sigma2 is None:
+            raise ValueError("Eq. 12 needs a fixed sigma_t^2 (beta or beta_tilde), not a learned one")
         t = torch.as_tensor(t).long()
         return self.beta[t] ** 2 / (2 * self.sigma2[t] * self.alpha[t] * (1 - self.alpha_bar[t]))
 
@@ -213,22 +266,26 @@ class Diffusion:
         kl = normal_kl(mean, torch.log(var), torch.zeros_like(x0), torch.zeros_like(x0))
         return kl.flatten(1).mean(1) / LOG2
 
-    def vb_term_bpd(self, eps_model, x0, xt, t, levels=256, clip=False):
-        """One term of Eq. 5 at timestep t (int), per example, in bits/dim.
+    def vb_term_bpd(self, model, x0, xt, t, levels=256, clip=False):
+        """One term of Eq. 5 at timestep t (an int, or one per example), per example, in bits/dim.
 
         t > 1: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (Eq. 8, exact).
         t = 1: L_0 = -log p_theta(x_0 | x_1), the discretised decoder of Eq. 13.
         """
-        mean, _, log_var, _ = self.p_mean_var(eps_model, xt, t, clip)
-        if t == 1:
+        mean, log_var, _ = self.p_mean_var(model, xt, t, clip)
+        if isinstance(t, int) and t == 1:
             nats = -discretized_gaussian_log_likelihood(x0, mean, log_var, levels)
         else:
             q_mean, _, q_log_var = self.q_posterior(x0, xt, t)
             nats = normal_kl(q_mean, q_log_var, mean, log_var)
+            first = None if isinstance(t, int) else torch.as_tensor(t, device=x0.device).reshape(-1) == 1
+            if first is not None and first.any():  # the decoder, only where t = 1 (no NaN gradients)
+                nats = nats.index_put((first,), -discretized_gaussian_log_likelihood(
+                    x0[first], mean[first], log_var[first], levels))
         return nats.flatten(1).mean(1) / LOG2
 
     @torch.no_grad()
-    def bound_bpd(self, eps_model, x0, levels=256, clip=False, generator=None, progress=None):
+    def bound_bpd(self, model, x0, levels=256, clip=False, generator=None, progress=None):
         """The whole bound of Eq. 5 for a batch: L_T + sum_{t>1} L_{t-1} + L_0, in bits/dim.
 
         Evaluates all T terms (none skipped), each at one x_t ~ q(x_t | x_0), so
@@ -242,6 +299,6 @@ class Diffusion:
         for t in (progress(steps) if progress else steps):
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             xt = self.q_sample(x0, t, noise)
-            terms[:, t - 1] = self.vb_term_bpd(eps_model, x0, xt, t, levels, clip)
+            terms[:, t - 1] = self.vb_term_bpd(model, x0, xt, t, levels, clip)
         prior = self.prior_bpd(x0)
         return {"total": prior + terms.sum(1), "prior": prior, "terms": terms}

@@ -19,6 +19,7 @@ import math
 import os
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -26,9 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import sample
 from common import UsageError
-from ddpm import Diffusion
 
 
 def count(text):
@@ -97,7 +96,7 @@ def plot_terms(terms, prior, path, title):
     ax.set(xlabel="t", ylabel="bits/dim", yscale="log", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    common.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), "wb")
     plt.close(fig)
 
 
@@ -133,6 +132,11 @@ def train_classifier(x, y, seed, steps=1000, batch=128):
     return features.eval().requires_grad_(False), head.eval().requires_grad_(False)
 
 
+def confident(head, features, x, threshold=0.9):
+    """The fraction of images the classifier labels with probability > threshold: well-formed digits."""
+    return (torch.softmax(head(features(x)), 1).max(1).values > threshold).float().mean().item()
+
+
 def quantize(x, levels):
     """[-1, 1] -> the nearest of the data's grey levels, so samples are images of the same kind as the data."""
     return common.to_model_range(((x.clamp(-1, 1) + 1) * (levels - 1) / 2).round(), levels)
@@ -156,6 +160,8 @@ def load_samples(path, shape):
         raise UsageError(f"no sample folder or .npz file at {path}: write one with `python sample.py`")
     if tuple(x.shape[1:]) != tuple(shape):
         raise UsageError(f"{path} holds {dims(x.shape[1:])} images, the model makes {dims(shape)}")
+    if len(x) < 2:
+        raise UsageError(f"{path} holds {len(x)} image: a Frechet distance needs at least 2 (1,000 or more is good)")
     return x
 
 
@@ -189,95 +195,122 @@ def dims(shape):
     return "x".join(map(str, shape))
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """Everything checked before any expensive work: the weights, the data, the samples, the outputs."""
     path = args.checkpoint or common.latest_checkpoint()
-    ckpt = common.load_checkpoint(path)
-    model, diffusion = common.model_from_checkpoint(ckpt, ema=not args.no_ema)
-    if args.sigma:
-        diffusion = Diffusion(diffusion.beta[1:], sigma=args.sigma)
-    cfg, mc, weights = ckpt["config"], model.config, "raw" if args.no_ema else "EMA"
+    model, diffusion, ckpt = common.load_run(path, ema=not args.no_ema, sigma=args.sigma)
+    cfg, mc = ckpt["config"], model.config
     name = args.dataset or cfg["dataset"]
     size = cfg.get("image_size") or (mc["image_size"] if os.path.isdir(name) else None)  # as it was trained
     test, labels, levels = common.load_dataset(name, "test", size, args.data_root)
     shape = (mc["in_channels"], mc["image_size"], mc["image_size"])
     if tuple(test.shape[1:]) != shape:
         raise UsageError(f"the checkpoint {path} is for {dims(shape)} images, but {name} has {dims(test.shape[1:])}")
-    by_classifier = labels is not None and shape[0] == 1
-    quality = args.samples is not None or (args.n_samples > 0 and by_classifier)
-    samples = load_samples(args.samples, shape) if args.samples else None
-    train, train_labels, _ = common.load_dataset(name, "train", size, args.data_root) if quality else (None,) * 3
-    if quality and not by_classifier:
+    e = SimpleNamespace(path=path, step=ckpt.get("step"), model=model, diffusion=diffusion, name=name, test=test,
+                        labels=labels, levels=levels, by_classifier=labels is not None and shape[0] == 1,
+                        samples=load_samples(args.samples, shape) if args.samples else None)
+    e.quality, e.seed = e.samples is not None or (args.n_samples > 0 and e.by_classifier), args.seed
+    if e.quality and e.samples is None and args.n_samples < 2:
+        raise UsageError("--n-samples 1: a Frechet distance needs at least 2 samples (1,000 or more is good)")
+    e.train, e.train_labels, _ = common.load_dataset(name, "train", size, args.data_root) if e.quality else (None,) * 3
+    if e.quality and not e.by_classifier:
         try:
             import torch_fidelity  # noqa: F401
         except ImportError:
             raise UsageError("FID and IS of RGB data need torch-fidelity: pip install torch-fidelity") from None
-    n_test = len(test) if args.n_test is None else args.n_test
-    if n_test > len(test):
-        raise UsageError(f"--n-test {n_test} is more than the {len(test)} test images of {name}")
-    out = args.out or (path if os.path.isdir(path) else os.path.dirname(path) or ".")
-    json_path, plot_path = os.path.join(out, "results.json"), os.path.join(out, "bound_terms.png")
-    for f in [json_path, plot_path][:2 if n_test else 1]:
+    e.n_test = len(test) if args.n_test is None else args.n_test
+    if e.n_test > len(test):
+        raise UsageError(f"--n-test {e.n_test} is more than the {len(test)} test images of {name}")
+    e.out = common.check_writable(args.out or (path if os.path.isdir(path) else os.path.dirname(path) or "."))
+    e.json, e.plot = os.path.join(e.out, "results.json"), os.path.join(e.out, "bound_terms.png")
+    for f in [e.json, e.plot][:2 if e.n_test else 1]:
         if os.path.exists(f) and not args.force:
             raise UsageError(f"{f} exists: pass --force to overwrite it, or choose another --out")
+    return e
+
+
+def evaluate_bound(e, args, device):
+    """Table 1's NLL: the bound on a fixed seeded subset of the test split (in the split's order)."""
+    start, weights = time.time(), "raw" if args.no_ema else "EMA"
+    idx = torch.randperm(len(e.test), generator=torch.Generator().manual_seed(args.seed))[:e.n_test].sort().values
+    g = torch.Generator(device).manual_seed(args.seed)
+    with tqdm(total=-(-e.n_test // args.batch_size) * e.diffusion.T, desc="bound", unit="step") as bar:
+        b = bound(e.model, e.diffusion, common.to_model_range(e.test[idx], e.levels).to(device), e.levels,
+                  args.batch_size, args.clip, g, bar)
+    split = "test" if e.name in common.DATASETS else "all (a folder has no test split)"
+    s = dict(split=split, n_test_split=len(e.test), **summarize(b), seconds=round(time.time() - start, 1))
+    se = f" ± {s['total_bpd_se']:.4f} (s.e.)" if s["total_bpd_se"] is not None else ""
+    print(f"NLL bound (Eq. 5) on {e.n_test} of {len(e.test)} test images of {e.name}: T={e.diffusion.T}, {weights} "
+          f"weights, sigma^2={e.diffusion.sigma}, {'clipped' if args.clip else 'no clipping'}, {e.levels} levels\n"
+          f"  total {s['total_bpd']:.4f}{se} bits/dim = L_T {s['L_T']:.2e} + sum L_t-1 (t>1) "
+          f"{s['sum_L_t_minus_1']:.4f} + L_0 {s['L_0']:.4f}")
+    plot_terms(s["terms_bpd"], s["L_T"], e.plot, f"{e.name}: L = {s['total_bpd']:.3f} bits/dim")
+    return s
+
+
+def evaluate_quality(e, args, device):
+    """Sample quality: a classifier's Frechet distance and confident fraction (grey labelled data), else FID/IS."""
+    t0 = time.time()
+    if e.samples is None:  # the authors' sampler, with the weights evaluated above
+        x = common.generate(e.model, e.diffusion, args.n_samples, args.batch_size, args.seed + 1, device, clip=True)
+        source = f"generated: Algorithm 2 with clipping, {'raw' if args.no_ema else 'EMA'} weights"
+    else:
+        x, source = common.to_model_range(e.samples, 256), args.samples
+    q = dict(samples=source, n_samples=len(x), sampling_seconds=round(time.time() - t0, 1))
+    if e.by_classifier:
+        q.update(classifier_metrics(e, x))
+        print(f"Frechet distance in the features of a classifier trained here (test accuracy "
+              f"{q['classifier_test_accuracy']:.1%}; NOT the Inception FID): {len(x)} samples vs {len(e.test)} test "
+              f"images {q['frechet_distance']:.3f}, floor (train vs test) {q['floor_train_vs_test']:.3f}; "
+              f"confidently classified (p > 0.9): samples {q['confident']:.1%}, test images {q['confident_test']:.1%}")
+    else:
+        q.update(metric="torch-fidelity FID and IS (Inception-v3), against the training split",
+                 **inception_metrics(e.samples, e.train, device))
+        print(f"{len(x)} samples vs the {len(e.train)} training images: FID {q['fid']:.2f}, "
+              f"IS {q['inception_score']:.2f} ± {q['inception_score_std']:.2f}")
+    q["seconds"] = round(time.time() - t0, 1)
+    return q
+
+
+def classifier_metrics(e, x):
+    """The digit classifier's numbers for samples x in [-1, 1]: Frechet distance, its floor, confident fraction."""
+    t1 = time.time()
+    x_tr, x_te = common.to_model_range(e.train, e.levels), common.to_model_range(e.test, e.levels)
+    features, head = train_classifier(x_tr, e.train_labels, e.seed)
+    with torch.no_grad():
+        accuracy = (head(features(x_te)).argmax(1) == e.labels).float().mean().item()
+        x = quantize(x, e.levels)
+        f_gen, f_tr, f_te = (features(v).numpy() for v in (x, x_tr, x_te))
+        return dict(metric="Frechet distance in digit-classifier features (not Inception FID)",
+                    frechet_distance=frechet_distance(f_gen, f_te), floor_train_vs_test=frechet_distance(f_tr, f_te),
+                    confident=confident(head, features, x), confident_test=confident(head, features, x_te),
+                    classifier_test_accuracy=accuracy, classifier_seconds=round(time.time() - t1, 1))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    e = setup(args)
     device = common.pick_device(args.device)
-    model.to(device)
-    results = dict(checkpoint=path, step=ckpt.get("step"), dataset=name, T=diffusion.T, levels=levels,
-                   ema=not args.no_ema, sigma=diffusion.sigma, clip=args.clip, seed=args.seed, device=str(device))
-    os.makedirs(out, exist_ok=True)
+    e.model.to(device)
+    results = dict(checkpoint=e.path, step=e.step, dataset=e.name, T=e.diffusion.T, levels=e.levels,
+                   ema=not args.no_ema, predict=e.diffusion.predict, sigma=e.diffusion.sigma, clip=args.clip,
+                   seed=args.seed, device=str(device))
+    os.makedirs(e.out, exist_ok=True)
     start = time.time()
+    if e.n_test:
+        results["bound"] = evaluate_bound(e, args, device)
+        write_results(results, start, e.json)  # kept even if what follows fails
+    if e.quality:
+        results["quality"] = evaluate_quality(e, args, device)
+    elif not e.by_classifier and args.n_samples:
+        print(f"sample quality of {e.name}: pass --samples DIR written by sample.py (FID/IS by torch-fidelity)")
+    write_results(results, start, e.json)
+    print(f"wrote {e.json}" + (f" and {e.plot}" if e.n_test else ""))
 
-    if n_test:  # a fixed seeded subset, in the split's order
-        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:n_test].sort().values
-        g = torch.Generator(device).manual_seed(args.seed)
-        with tqdm(total=-(-n_test // args.batch_size) * diffusion.T, desc="bound", unit="step") as bar:
-            b = bound(model, diffusion, common.to_model_range(test[idx], levels).to(device), levels,
-                      args.batch_size, args.clip, g, bar)
-        split = "test" if name in common.DATASETS else "all (a folder has no test split)"
-        s = results["bound"] = dict(split=split, n_test_split=len(test), **summarize(b),
-                                    seconds=round(time.time() - start, 1))
-        se = f" ± {s['total_bpd_se']:.4f} (s.e.)" if s["total_bpd_se"] is not None else ""
-        print(f"NLL bound (Eq. 5) on {n_test} of {len(test)} test images of {name}: T={diffusion.T}, {weights} "
-              f"weights, sigma^2={diffusion.sigma}, {'clipped' if args.clip else 'no clipping'}, {levels} levels\n"
-              f"  total {s['total_bpd']:.4f}{se} bits/dim = L_T {s['L_T']:.2e} + sum L_t-1 (t>1) "
-              f"{s['sum_L_t_minus_1']:.4f} + L_0 {s['L_0']:.4f}")
-        plot_terms(s["terms_bpd"], s["L_T"], plot_path, f"{name}: L = {s['total_bpd']:.3f} bits/dim")
 
-    if quality:
-        t0 = time.time()
-        if samples is None:  # the authors' sampler, with the weights evaluated above
-            x = sample.generate(model, diffusion, args.n_samples, args.batch_size, args.seed + 1, device, clip=True)
-            source = f"generated: Algorithm 2 with clipping, {weights} weights"
-        else:
-            x, source = common.to_model_range(samples, 256), args.samples
-        q = results["quality"] = dict(samples=source, n_samples=len(x), sampling_seconds=round(time.time() - t0, 1))
-        if by_classifier:
-            t1 = time.time()
-            x_tr, x_te = common.to_model_range(train, levels), common.to_model_range(test, levels)
-            features, head = train_classifier(x_tr, train_labels, args.seed)
-            with torch.no_grad():
-                accuracy = (head(features(x_te)).argmax(1) == labels).float().mean().item()
-                f_gen, f_tr, f_te = (features(v).numpy() for v in (quantize(x, levels), x_tr, x_te))
-            q.update(metric="Frechet distance in digit-classifier features (not Inception FID)",
-                     frechet_distance=frechet_distance(f_gen, f_te), floor_train_vs_test=frechet_distance(f_tr, f_te),
-                     classifier_test_accuracy=accuracy, classifier_seconds=round(time.time() - t1, 1))
-            print(f"Frechet distance in the features of a classifier trained here (test accuracy {accuracy:.1%}; NOT "
-                  f"the Inception FID): {len(x)} samples vs {len(test)} test images {q['frechet_distance']:.3f}, "
-                  f"floor (train vs test) {q['floor_train_vs_test']:.3f}")
-        else:
-            q.update(metric="torch-fidelity FID and IS (Inception-v3), against the training split",
-                     **inception_metrics(samples, train, device))
-            print(f"{len(x)} samples vs the {len(train)} training images: FID {q['fid']:.2f}, "
-                  f"IS {q['inception_score']:.2f} ± {q['inception_score_std']:.2f}")
-        q["seconds"] = round(time.time() - t0, 1)
-    elif not by_classifier and args.n_samples:
-        print(f"sample quality of {name}: pass --samples DIR written by sample.py (FID/IS by torch-fidelity)")
-
+def write_results(results, start, path):
     results["seconds"] = round(time.time() - start, 1)
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
-    print(f"wrote {json_path}" + (f" and {plot_path}" if n_test else ""))
+    common.write_atomic(path, lambda f: json.dump(results, f, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ from tqdm import tqdm
 
 import common
 from common import UsageError
-from ddpm import Diffusion, linear_betas
 import unet
 
-GROUP = 1000  # images per run of Algorithm 2: bounds the memory x_t takes when --n is large (FID: 50,000)
 STRIP, GIF_SAMPLES = 4, 16  # samples shown in reverse.png / forward.png, and in denoising.gif
 FIGURE_SIZE, LABEL_H, LABEL_W = 384, 14, 48  # figures' minimum size; height/width of their labels (pixels)
 
@@ -62,15 +60,9 @@ def load(args):
         # The authors sampled CIFAR-10 with sigma^2 = beta and the 256x256 models with beta~ (T = 1000, linear).
         sigma = args.sigma or ("beta" if model.image_size <= 32 else "beta_tilde")
         where = args.pretrained if os.path.isdir(args.pretrained) else os.path.dirname(args.pretrained)
-        return model, Diffusion(linear_betas(model.T), sigma), None, where
+        return model, common.make_diffusion({"T": model.T}, sigma), None, where
     path = args.checkpoint or common.latest_checkpoint()
-    ckpt = common.load_checkpoint(path)
-    try:
-        model, diffusion = common.model_from_checkpoint(ckpt, ema=not args.no_ema)
-    except (KeyError, TypeError, ValueError) as e:  # written by another version of train.py / unet.py
-        raise UsageError(f"{path} does not fit this version of unet.py/ddpm.py: {common.first_line(e, 300)}") from None
-    if args.sigma:
-        diffusion = Diffusion(diffusion.beta[1:], args.sigma)  # same schedule, other variance
+    model, diffusion, ckpt = common.load_run(path, ema=not args.no_ema, sigma=args.sigma)
     return model, diffusion, ckpt["config"], path if os.path.isdir(path) else os.path.dirname(path)
 
 
@@ -78,41 +70,12 @@ def output_dir(args, run_dir):
     if args.out:
         if os.path.exists(args.out) and not (args.force and os.path.isdir(args.out)):
             raise UsageError(f"{args.out} exists: pass --force to write into it, or choose another --out")
-        return args.out
+        return common.check_writable(args.out)
     out, k = os.path.join(run_dir, "samples"), 1
     while os.path.exists(out) and not (args.force and os.path.isdir(out)):  # keep earlier samples
         k += 1
         out = os.path.join(run_dir, f"samples-{k}")
-    return out
-
-
-@torch.inference_mode()
-def generate(model, diffusion, n, batch_size=64, seed=0, device="cpu", clip=True, callback=None, progress=True):
-    """Algorithm 2 for n images; returns x_0 [n, C, H, W] on the CPU, in [-1, 1] when clip is on.
-
-    Randomness: the images come in groups of GROUP, each group from its own generator seeded with
-    (seed, group index), which draws x_T for the whole group and then each step's z, in order. The network
-    sees the group in chunks of batch_size, so batch_size changes memory, not the images (up to float
-    rounding in batched convolutions). callback(t, x_t, x0_hat) is called at each step of the first group.
-    """
-    def eps_model(x, t):  # at most batch_size images per network call
-        return torch.cat([model(xb, tb) for xb, tb in zip(x.split(batch_size), t.split(batch_size))])
-
-    def step(t, x_t, x0_hat):
-        bar.update()  # reads no tensor, so a GPU never waits for the host
-        if callback is not None and not out:  # the first group only
-            callback(t, x_t, x0_hat)
-
-    shape = (model.in_channels, model.image_size, model.image_size)
-    groups = range(0, n, GROUP)
-    bar = tqdm(total=len(groups) * diffusion.T, unit="step", disable=not progress, dynamic_ncols=True)
-    out = []
-    for g, start in enumerate(groups):
-        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + g)
-        x = diffusion.p_sample_loop(eps_model, (min(GROUP, n - start), *shape), clip, gen, device, step)
-        out.append(x.cpu())
-    bar.close()
-    return torch.cat(out)
+    return common.check_writable(out)
 
 
 # ---- figures ------------------------------------------------------------------------------------------
@@ -165,52 +128,68 @@ def gif_frame(x_t, x0_hat, title):
     return labelled(both, [title, "predicted x_0"])
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = common.pick_device(args.device)
-    model, diffusion, config, run_dir = load(args)
-    out = output_dir(args, run_dir)
-    data = None
-    if args.figures and config is not None:  # read the data now: a download error should not waste a run
-        images, _, levels = common.load_dataset(config["dataset"], "train", config.get("image_size"),
-                                                args.data_root)
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:STRIP]
-        data = common.to_model_range(images[pick], levels)
-    batch_size = args.batch_size or (64 if model.image_size <= 64 else 4)  # 256x256 activations are large
-    T, ts, gif_every = diffusion.T, timesteps(diffusion.T), max(1, diffusion.T // 50)
-    recorded, frames = {}, []
-
-    def record(t, x_t, x0_hat):  # only with --figures: copies to the host at ~60 of the T steps
-        if t in ts:
-            recorded[t] = (x_t[:STRIP].cpu(), x0_hat[:STRIP].cpu())
-        if (T - t) % gif_every == 0 or t == 1:
-            frames.append(gif_frame(x_t[:GIF_SAMPLES], x0_hat[:GIF_SAMPLES], f"x_t, t={t}"))
-
-    start = time.time()
-    x = generate(model.to(device), diffusion, args.n, batch_size, args.seed, device, args.clip,
-                 record if args.figures else None)
-    seconds = time.time() - start
-
+def write_samples(x, out):
+    """grid.png, images/NNNNNN.png and samples.npz (arr_0: uint8 [N, H, W, C]), each written atomically."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     for old in glob.glob(os.path.join(out, "images", "*.png")):  # --force: no stale images from a larger --n
         os.remove(old)
     common.save_image(common.grid_image(x[:64]), os.path.join(out, "grid.png"))
     nhwc = common.to_uint8(x).permute(0, 2, 3, 1).numpy()
     for i, a in enumerate(nhwc):
-        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(os.path.join(out, "images", f"{i:06d}.png"))
-    np.savez(os.path.join(out, "samples.npz"), arr_0=nhwc)
-    written = ["grid.png", "images/", "samples.npz"]
-    if args.figures:
-        common.save_image(reverse_figure(recorded, x[:STRIP], ts), os.path.join(out, "reverse.png"))
+        common.save_image(Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a),
+                          os.path.join(out, "images", f"{i:06d}.png"))
+    common.write_atomic(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=nhwc), "wb")
+    return ["grid.png", "images/", "samples.npz"]
+
+
+class Figures:
+    """What --figures records while sampling (a callback for common.generate), and the files it writes."""
+
+    def __init__(self, diffusion, data, seed):
+        self.diffusion, self.data, self.seed = diffusion, data, seed
+        self.ts, self.every = timesteps(diffusion.T), max(1, diffusion.T // 50)
+        self.recorded, self.frames = {}, []
+
+    def __call__(self, t, x_t, x0_hat):  # copies to the host at ~60 of the T steps
+        if t in self.ts:
+            self.recorded[t] = (x_t[:STRIP].cpu(), x0_hat[:STRIP].cpu())
+        if (self.diffusion.T - t) % self.every == 0 or t == 1:
+            self.frames.append(gif_frame(x_t[:GIF_SAMPLES], x0_hat[:GIF_SAMPLES], f"x_t, t={t}"))
+
+    def write(self, x, out):
+        common.save_image(reverse_figure(self.recorded, x[:STRIP], self.ts), os.path.join(out, "reverse.png"))
         # Without training data (pretrained weights), the forward process starts from our own samples.
-        x0 = data if data is not None else x[:STRIP]
-        common.save_image(forward_figure(diffusion, x0, ts, args.seed), os.path.join(out, "forward.png"))
-        frames.append(gif_frame(x[:GIF_SAMPLES], x[:GIF_SAMPLES], "x_0"))
-        frames[0].save(os.path.join(out, "denoising.gif"), save_all=True, append_images=frames[1:], loop=0,
-                       duration=[60] * (len(frames) - 1) + [2000])  # hold the result for 2 s
-        written += ["reverse.png", "forward.png", "denoising.gif"]
+        x0 = self.data if self.data is not None else x[:STRIP]
+        common.save_image(forward_figure(self.diffusion, x0, self.ts, self.seed), os.path.join(out, "forward.png"))
+        frames = [*self.frames, gif_frame(x[:GIF_SAMPLES], x[:GIF_SAMPLES], "x_0")]
+        common.write_atomic(os.path.join(out, "denoising.gif"), lambda f: frames[0].save(
+            f, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+            duration=[60] * (len(frames) - 1) + [2000]), "wb")  # hold the result for 2 s
+        return ["reverse.png", "forward.png", "denoising.gif"]
+
+
+def figure_data(args, config):
+    """STRIP training images for forward.png, read BEFORE sampling: a download error should not waste a run."""
+    if not args.figures or config is None:
+        return None
+    images, _, levels = common.load_dataset(config["dataset"], "train", config.get("image_size"), args.data_root)
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:STRIP]
+    return common.to_model_range(images[pick], levels)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    model, diffusion, config, run_dir = load(args)
+    out = output_dir(args, run_dir)
+    figures = Figures(diffusion, figure_data(args, config), args.seed) if args.figures else None
+    batch_size = args.batch_size or (64 if model.image_size <= 64 else 4)  # 256x256 activations are large
+    start = time.time()
+    x = common.generate(model.to(device), diffusion, args.n, batch_size, args.seed, device, args.clip, figures)
+    seconds = time.time() - start
+    written = write_samples(x, out) + (figures.write(x, out) if figures else [])
     weights = "pretrained" if args.pretrained else "raw" if args.no_ema else "EMA"
-    print(f"{args.n} images in {seconds:.1f} s ({weights} weights, T={T}, sigma^2={diffusion.sigma}, "
+    print(f"{args.n} images in {seconds:.1f} s ({weights} weights, T={diffusion.T}, sigma^2={diffusion.sigma}, "
           f"clip {'on' if args.clip else 'off'}, seed {args.seed}, {device}); wrote {out}/: {', '.join(written)}")
 
 

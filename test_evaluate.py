@@ -38,7 +38,7 @@ def ckpt_path(tmp_path_factory):
 @pytest.fixture
 def tiny(ckpt_path):
     """(model, diffusion, x0): the tiny network and 8 test digits in [-1, 1] (17 grey levels)."""
-    model, diffusion = common.model_from_checkpoint(common.load_checkpoint(ckpt_path))
+    model, diffusion, _ = common.load_run(ckpt_path)
     test, _, levels = common.load_dataset("digits", "test")
     assert levels == 17 and diffusion.T == 20
     return model, diffusion, common.to_model_range(test[:8], levels)
@@ -80,7 +80,8 @@ def test_bits_per_dim_against_scipy(tiny):
     with torch.no_grad():
         mean = diffusion.p_mean_var(model, x1, 1)[0].numpy()
         bpd = diffusion.vb_term_bpd(model, x0, x1, 1, levels=17).numpy()
-    x, sd = x0.double().numpy(), math.sqrt(betas[0])
+    # The decoder's variance is beta~_2, not beta_1, as the authors' (see ddpm.Diffusion).
+    x, sd = x0.double().numpy(), math.sqrt((1 - a_bar[0]) / (1 - a_bar[1]) * betas[1])
     upper = np.where(x > 1 - half, 1.0, stats.norm.cdf(x + half, mean, sd))
     lower = np.where(x < -1 + half, 0.0, stats.norm.cdf(x - half, mean, sd))
     nats = -np.log(upper - lower).reshape(8, -1).sum(1)
@@ -169,7 +170,7 @@ def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
     assert b["n_images"] == 16 and len(b["terms_bpd"]) == 20 and r["levels"] == 17 and r["ema"]
     assert math.isclose(b["total_bpd"], b["L_T"] + b["sum_L_t_minus_1"] + b["L_0"], rel_tol=1e-9)
     assert b["total_bpd_se"] > 0 and q["n_samples"] == 16 and q["frechet_distance"] > q["floor_train_vs_test"] > 0
-    assert q["classifier_test_accuracy"] > 0.9
+    assert q["classifier_test_accuracy"] > 0.9 and 0 <= q["confident"] <= 1 and q["confident_test"] > 0.8
     with Image.open("o/bound_terms.png") as im:
         assert im.size[0] > 300
     assert "NOT the Inception FID" in capsys.readouterr().out
@@ -189,6 +190,15 @@ def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
     Image.new("L", (300, 300)).save("pngs/grid.png")
     assert run("--checkpoint", ckpt_path, "--out", "p", *FAST, "--samples", "pngs", "--n-test", "0", "--force") == 0
     assert json.load(open("p/results.json"))["quality"]["n_samples"] == 297
+
+
+def test_a_failure_after_the_bound_keeps_the_bound(ckpt_path, monkeypatch):
+    def fails(*args):
+        raise RuntimeError("out of memory while sampling")
+    monkeypatch.setattr(evaluate, "evaluate_quality", fails)
+    with pytest.raises(RuntimeError):
+        run("--checkpoint", ckpt_path, "--out", "o", *FAST)
+    assert json.load(open("o/results.json"))["bound"]["n_images"] == 16
 
 
 def forge(path, ckpt_path, **model_config):
@@ -215,6 +225,9 @@ def forge(path, ckpt_path, **model_config):
     (["--checkpoint", "CKPT", "--out", "done"], "done/results.json exists"),
     (["--checkpoint", "rgb.pt", "--samples", "missing"], "no sample folder"),
     (["--checkpoint", "rgb.pt", "--samples", "rgb"], "pip install torch-fidelity"),
+    (["--checkpoint", "CKPT", "--samples", "one.npz"], "holds 1 image: a Frechet distance needs at least 2"),
+    (["--checkpoint", "CKPT", "--n-samples", "1"], "needs at least 2 samples"),
+    (["--checkpoint", "CKPT", "--out", "a-file/o"], "cannot write to a-file/o"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, ckpt_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed (it is an optional extra)
@@ -224,6 +237,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, ckpt_path, capsys, monk
     for i in range(4):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(f"rgb/{i}.png")
     np.savez("rgb.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez("one.npz", np.zeros((1, 8, 8, 1), np.uint8))
+    open("a-file", "w").close()
+    monkeypatch.setattr(evaluate, "bound", None)  # every mistake is found before the bound is computed
     os.makedirs("done")
     open("done/results.json", "w").close()
     capsys.readouterr()

@@ -136,8 +136,8 @@ def bound_along_trajectories(betas, seed, n):
     X = [t64(xi)[:, None] for xi in x]
 
     def log_p(t):  # log p_theta(x_{t-1} | x_t) with the code's mean and variance
-        mean, var, _, _ = d.p_mean_var(eps_model, X[t], t)
-        return stats.norm.logpdf(x[t - 1], mean[:, 0].numpy(), np.sqrt(var[:, 0].numpy()))
+        mean, log_var, _ = d.p_mean_var(eps_model, X[t], t)
+        return stats.norm.logpdf(x[t - 1], mean[:, 0].numpy(), np.exp(0.5 * log_var[:, 0].numpy()))
 
     def log_q_post(t):
         mean, var, _ = d.q_posterior(X[0], X[t], t)
@@ -221,7 +221,7 @@ def test_true_eps_gives_posterior_mean_and_recovers_x0(betas, data, x0, eps):
     a_bar, beta = ref_alpha_bar(betas), betas[t - 1]
     assert xt.item() == pytest.approx(math.sqrt(a_bar[t]) * x0 + math.sqrt(1 - a_bar[t]) * eps, abs=1e-12)
     assert d.predict_x0(xt, t, E).item() == pytest.approx(x0, abs=1e-9 / math.sqrt(a_bar[t]))
-    mean, _, _, _ = d.p_mean_var(const_eps(eps), xt, t)
+    mean, _, _ = d.p_mean_var(const_eps(eps), xt, t)
     mu_tilde, _, _ = d.q_posterior(X0, xt, t)
     assert mean.item() == pytest.approx(mu_tilde.item(), abs=1e-9)
     # Algorithm 2's form of Eq. 11.
@@ -337,8 +337,9 @@ def test_algorithm2_loop_matches_numpy_reference():
 
 
 def test_bound_includes_the_decoder_term():
-    """terms[:, 0] is L_0 = -log2 P(bin of x_0 | N(mu_1, beta_1)). An eps_model chosen so that
-    mu_theta(x_1, 1) = c for every x_1 makes L_0 deterministic (scipy reference)."""
+    """terms[:, 0] is L_0 = -log2 P(bin of x_0 | N(mu_1, beta~_2)) (the authors' decoder variance
+    for sigma^2 = beta). An eps_model chosen so that mu_theta(x_1, 1) = c for every x_1 makes L_0
+    deterministic (scipy reference)."""
     betas, levels, c = np.linspace(0.1, 0.3, 5), 17, 0.05
     B, A_bar = t64(betas), t64(np.cumprod(1 - betas))
 
@@ -347,7 +348,7 @@ def test_bound_includes_the_decoder_term():
         return (x - (1 - b).sqrt() * c) * (1 - ab).sqrt() / b
 
     atoms = np.linspace(-1, 1, levels)
-    h, s = 1 / (levels - 1), math.sqrt(betas[0])
+    h, s = 1 / (levels - 1), math.sqrt(betas[1] * (1 - (1 - betas[0])) / (1 - (1 - betas[0]) * (1 - betas[1])))
     lo = np.where(atoms > -1 + h, atoms - h, -np.inf)
     hi = np.where(atoms < 1 - h, atoms + h, np.inf)
     p = np.where(lo > c, stats.norm.sf(lo, c, s) - stats.norm.sf(hi, c, s),
@@ -386,7 +387,7 @@ def test_no_noise_at_last_step():
     d, xt = Diffusion(), torch.randn(8, 1, 4, 4)
     a, _ = d.p_sample_step(const_eps(0.3), xt, 1, generator=torch.Generator().manual_seed(0))
     b, _ = d.p_sample_step(const_eps(0.3), xt, 1, generator=torch.Generator().manual_seed(1))
-    mean, _, _, _ = d.p_mean_var(const_eps(0.3), xt, 1)
+    mean, _, _ = d.p_mean_var(const_eps(0.3), xt, 1)
     assert torch.equal(a, b) and torch.equal(a, mean)
     c, _ = d.p_sample_step(const_eps(0.3), xt, 2, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(c, d.p_mean_var(const_eps(0.3), xt, 2)[0])
@@ -395,11 +396,27 @@ def test_no_noise_at_last_step():
 def test_clipping_happens_before_the_posterior_mean():
     d, t = Diffusion(), 500
     xt = torch.full((1, 1), 2.0, dtype=F64)
-    mean, _, _, x0_raw = d.p_mean_var(const_eps(-1.0), xt, t)
-    mean_c, _, _, x0_c = d.p_mean_var(const_eps(-1.0), xt, t, clip=True)
+    mean, _, x0_raw = d.p_mean_var(const_eps(-1.0), xt, t)
+    mean_c, _, x0_c = d.p_mean_var(const_eps(-1.0), xt, t, clip=True)
     assert x0_raw.item() > 1 and x0_c.item() == 1.0
     assert not torch.allclose(mean, mean_c)
     assert torch.allclose(mean_c, d.q_posterior(torch.ones_like(xt), xt, t)[0])
+
+
+@pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
+def test_decoder_log_variance_is_the_authors_log_beta_tilde_2(sigma):
+    """The authors' t = 1 log-variance is log beta~_2 for both fixed choices ("fixedlarge" too,
+    "to get a better decoder log likelihood"): -9.81673 for the paper's schedule; never log beta_1."""
+    d = Diffusion(sigma=sigma)
+    assert d.log_sigma2[1].item() == pytest.approx(-9.81673, abs=1e-5)
+    log_sigma2_2 = math.log(1e-4 + (0.02 - 1e-4) / 999) if sigma == "beta" else d.log_sigma2[1].item()
+    assert d.log_sigma2[2].item() == pytest.approx(log_sigma2_2, abs=1e-12)  # t = 2 is sigma_2^2 itself
+    betas = np.array([0.1, 0.2, 0.3])
+    beta_tilde_2 = (1 - (1 - 0.1)) / (1 - 0.9 * 0.8) * 0.2
+    x0, xt = torch.zeros(2, 1, dtype=F64), torch.ones(2, 1, dtype=F64)
+    _, log_var, _ = Diffusion(betas, sigma).p_mean_var(const_eps(0.0), xt, 1)
+    assert torch.allclose(log_var, t64([[math.log(beta_tilde_2)]] * 2), rtol=1e-14)
+    assert Diffusion(betas, sigma).log_sigma2[0].item() != math.log(beta_tilde_2)
 
 
 @pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
@@ -428,3 +445,107 @@ def test_float32_constants_close_to_float64_at_T():
     for name in ("alpha_bar", "beta_tilde", "mu_tilde_coef_x0", "mu_tilde_coef_xt", "log_beta_tilde", "sigma2"):
         v64, v32 = getattr(d, name)[1000].item(), d.gather(name, 1000, x32).item()
         assert abs(v32 / v64 - 1) <= 2.0**-24, name
+
+
+# 11. Table 2: the parameterisations of Sec. 3.2, a learned variance, and the objectives ----------
+def ref_posterior(betas, t, x0, xt):
+    """Eq. 7 in numpy: (mu_tilde_t(x_t, x_0), beta_tilde_t)."""
+    a_bar, beta = ref_alpha_bar(betas), betas[t - 1]
+    mu = (math.sqrt(a_bar[t - 1]) * beta * x0 + math.sqrt(1 - beta) * (1 - a_bar[t - 1]) * xt) / (1 - a_bar[t])
+    return mu, (1 - a_bar[t - 1]) / (1 - a_bar[t]) * beta
+
+
+@given(schedules(min_T=2), st.data(), st.sampled_from(["eps", "x0", "mean"]), st.booleans(),
+       st.floats(-1, 1), st.floats(-3, 3))
+def test_true_target_gives_the_posterior_mean_and_zero_kl(betas, data, predict, learned, x0, eps):
+    """Each parameterisation's true target (eps, x_0 or mu_tilde_t) gives mu_theta = mu_tilde_t,
+    x0_hat = x_0, zero KL at every t > 1 with the variance beta~_t, and zero simple loss."""
+    t = data.draw(st.integers(2, len(betas)))
+    d = Diffusion(betas, "learned" if learned else "beta_tilde", predict)
+    X0, E = t64([[x0]]), t64([[eps]])
+    xt = d.q_sample(X0, t, E)
+    mu, beta_tilde = ref_posterior(betas, t, x0, xt.item())
+    target = t64([[{"eps": eps, "x0": x0, "mean": mu}[predict]]])
+    out = torch.cat([target, t64([[math.log(beta_tilde)]])], 1) if learned else target
+    model = lambda x, s: out
+    mean, log_var, x0_hat = d.p_mean_var(model, xt, t)
+    assert mean.item() == pytest.approx(mu, abs=1e-9) and log_var.item() == pytest.approx(math.log(beta_tilde))
+    assert x0_hat.item() == pytest.approx(x0, abs=1e-7 / math.sqrt(ref_alpha_bar(betas)[t]))
+    assert abs(d.vb_term_bpd(model, X0, xt, t).item()) < 1e-9
+    if not learned:
+        t_batch = torch.tensor([t])
+        assert d.training_loss(model, X0, t=t_batch, noise=E).item() < 1e-18
+
+
+def linear_model(T, channels, seed):
+    """An arbitrary network: output = a_t x + b_t per channel (a learned log-variance in [-6, -1])."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(T + 1, channels, generator=g, dtype=F64), torch.randn(T + 1, channels, generator=g, dtype=F64)
+    b[:, 1:] = -6 + 5 * torch.rand(T + 1, channels - 1, generator=g, dtype=F64)
+    a[:, 1:] *= 0.1
+    return lambda x, t: 0.5 * a[t] * x.expand(-1, channels) + 0.3 * b[t]
+
+
+@pytest.mark.parametrize("predict, sigma", [(p, s) for p in ("eps", "x0", "mean") for s in ("beta", "beta_tilde")]
+                         + [("eps", "learned"), ("mean", "learned")])
+def test_vlb_objective_is_an_unbiased_estimate_of_the_bound(predict, sigma):
+    """E_t[T L_{t-1}] over t ~ U{1..T} (the vlb loss) = the bound of Eq. 5 minus L_T, all T terms."""
+    T, levels, n, k = 10, 17, 4000, 40
+    d = Diffusion(linear_betas(T), sigma, predict)
+    model = linear_model(T, 2 if sigma == "learned" else 1, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randint(0, levels, (n, 1), generator=g) * (2 / (levels - 1)) - 1).double()
+    exact = d.bound_bpd(model, x0, levels, generator=g)
+    exact = (exact["total"] - exact["prior"]).reshape(k, -1).mean(1)
+    vlb = torch.stack([d.training_loss(model, x, generator=g, objective="vlb", levels=levels)
+                       for x in x0.split(n // k)])
+    se = math.sqrt(exact.var().item() / k + vlb.var().item() / k)
+    assert abs(vlb.mean().item() - exact.mean().item()) < 4 * se, (vlb.mean(), exact.mean(), se)
+
+
+@pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
+def test_vlb_objective_for_eps_is_eq12_through_the_loss(sigma):
+    """At one t > 1, the vlb loss = T (lambda_t mean (eps - eps_theta)^2 + C_t) / ln 2 per dimension,
+    C_t = (log(sigma^2 / beta~) + beta~ / sigma^2 - 1) / 2 (numpy, from Eqs. 7 and 12)."""
+    T, t = 50, 17
+    betas = linear_betas(T).numpy()
+    d = Diffusion(betas, sigma)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(64, 3, generator=g, dtype=F64) * 2 - 1, torch.randn(64, 3, generator=g, dtype=F64)
+    eps_theta = torch.randn(64, 3, generator=g, dtype=F64)
+    loss = d.training_loss(lambda x, s: eps_theta, x0, t=torch.full((64,), t), noise=noise, objective="vlb")
+    a_bar, beta = ref_alpha_bar(betas), betas[t - 1]
+    beta_tilde = (1 - a_bar[t - 1]) / (1 - a_bar[t]) * beta
+    s2 = beta if sigma == "beta" else beta_tilde
+    lam = beta**2 / (2 * s2 * (1 - beta) * (1 - a_bar[t]))
+    c = 0.5 * (math.log(s2 / beta_tilde) + beta_tilde / s2 - 1)
+    expected = T * (lam * ((noise - eps_theta) ** 2).mean().item() + c) / math.log(2)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+
+
+@given(schedules(min_T=2), st.data(), st.floats(-1, 1), st.floats(-3, 3))
+def test_learned_variance_kl_is_minimised_at_beta_tilde(betas, data, x0, eps):
+    """With the mean exact, the KL as a function of the raw log-variance output has its minimum
+    exactly at log beta~_t (scipy's bounded minimiser)."""
+    t = data.draw(st.integers(2, len(betas)))
+    d = Diffusion(betas, "learned", "x0")
+    X0 = t64([[x0]])
+    xt = d.q_sample(X0, t, t64([[eps]]))
+    kl = lambda v: d.vb_term_bpd(lambda x, s: t64([[x0, v]]), X0, xt, t).item()
+    _, beta_tilde = ref_posterior(betas, t, x0, xt.item())
+    found = optimize.minimize_scalar(kl, bounds=(math.log(beta_tilde) - 5, math.log(beta_tilde) + 5),
+                                     method="bounded", options={"xatol": 1e-10})
+    assert found.x == pytest.approx(math.log(beta_tilde), abs=1e-4)
+    assert kl(found.x) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_objective_and_variance_combinations():
+    d = Diffusion(linear_betas(10), "learned")
+    with pytest.raises(ValueError, match="learned variance"):
+        d.training_loss(const_eps(0.0), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="objective"):
+        Diffusion(linear_betas(10)).training_loss(const_eps(0.0), torch.zeros(2, 1), objective="kl")
+    with pytest.raises(ValueError, match="predict"):
+        Diffusion(predict="xprev")
+    with pytest.raises(ValueError, match="fixed"):
+        d.eq12_weight(5)

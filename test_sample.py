@@ -1,6 +1,7 @@
 """Tests of sample.py on the CPU, with a tiny network and T = 20 so each run takes a second or two."""
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -79,29 +80,29 @@ def test_same_seed_same_images_whatever_the_batch_size():
     assert np.array_equal(npz("a"), npz("c"))
     assert np.abs(npz("a").astype(int) - npz("b")).max() <= 1  # at most float rounding of batched convs
     assert not np.array_equal(npz("a"), npz("d"))
-    model, diffusion = common.model_from_checkpoint(common.load_checkpoint(RUN))
-    x = [sample.generate(model, diffusion, 7, b, seed=3, progress=False) for b in (7, 3, 1)]
+    model, diffusion, _ = common.load_run(RUN)
+    x = [common.generate(model, diffusion, 7, b, seed=3, progress=False) for b in (7, 3, 1)]
     torch.testing.assert_close(x[1], x[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(x[2], x[0], rtol=0, atol=1e-5)
 
 
 def test_groups_have_their_own_generators(monkeypatch):
-    model, diffusion = common.model_from_checkpoint(common.load_checkpoint(RUN))
-    whole = sample.generate(model, diffusion, 5, seed=2, progress=False)
-    monkeypatch.setattr(sample, "GROUP", 2)  # groups of 2, 2, 1: the first group is the same images
-    grouped = sample.generate(model, diffusion, 5, seed=2, progress=False)
-    first = sample.generate(model, diffusion, 2, seed=2, progress=False)
+    model, diffusion, _ = common.load_run(RUN)
+    whole = common.generate(model, diffusion, 5, seed=2, progress=False)
+    monkeypatch.setattr(common, "GROUP", 2)  # groups of 2, 2, 1: the first group is the same images
+    grouped = common.generate(model, diffusion, 5, seed=2, progress=False)
+    first = common.generate(model, diffusion, 2, seed=2, progress=False)
     assert grouped.shape == whole.shape and torch.equal(grouped[:2], first)
     assert not torch.allclose(grouped[2:4], first)  # group 1 is seeded differently from group 0
 
 
 def test_clipping_keeps_samples_in_range_and_no_clip_is_algorithm_2():
-    model, diffusion = common.model_from_checkpoint(common.load_checkpoint(RUN))
-    x = sample.generate(model, diffusion, 4, progress=False)
+    model, diffusion, _ = common.load_run(RUN)
+    x = common.generate(model, diffusion, 4, progress=False)
     assert x.shape == (4, 1, 8, 8) and x.abs().max() <= 1  # at t = 1 the mean is x0_hat itself
     expected = diffusion.p_sample_loop(model, (4, 1, 8, 8), clip=False,
                                        generator=torch.Generator().manual_seed(0))  # group 0, seed 0
-    assert torch.equal(sample.generate(model, diffusion, 4, clip=False, progress=False), expected)
+    assert torch.equal(common.generate(model, diffusion, 4, clip=False, progress=False), expected)
 
 
 def test_sigma_flag_overrides_the_checkpoint():
@@ -139,9 +140,13 @@ def test_figures_have_the_expected_sizes_and_frames():
         assert im.info["duration"] == 2000
 
 
-def test_bad_inputs_exit_2_with_one_line_and_write_nothing(capsys):
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(common, "generate", None)  # every mistake is found before any image is drawn
     with open("corrupt.pt", "wb") as f:
         f.write(b"not a checkpoint")
+    with open("pickle.bin", "wb") as f:
+        pickle.dump({"a": 1}, f)
+    open("a-file", "w").close()
     ckpt = common.load_checkpoint(RUN)
     torch.save({**ckpt, "model_config": {**ckpt["model_config"], "ch": 64}}, "wrong_shapes.pt")
     torch.save({**ckpt, "model_config": {**ckpt["model_config"], "heads": 4}}, "unknown_key.pt")
@@ -157,12 +162,13 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(capsys):
         ("--out", "taken"): "exists", ("--pretrained", "missing.safetensors"): "huggingface-cli download",
         ("--pretrained", "corrupt.pt"): "cannot load --pretrained corrupt.pt",
         ("--pretrained", RUN, "--no-ema"): "--no-ema", ("--pretrained", "x", "--checkpoint", RUN): "not allowed",
+        ("--pretrained", "pickle.bin"): "cannot load --pretrained pickle.bin", ("--out", "a-file/x"): "cannot write",
     }
     for argv, message in cases.items():
         capsys.readouterr()
         assert run(*argv) == 2, argv
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and message in err, (argv, err)
+        assert err.count("\n") == 1 and message in err and "weights_only" not in err, (argv, err)
     assert listing() == before  # nothing written, nothing overwritten
     shutil.rmtree(common.RUNS)
     assert run() == 2 and "run `python train.py` first" in capsys.readouterr().err
@@ -205,3 +211,12 @@ def test_pretrained_uses_the_authors_sampler_settings():
     with Image.open("port32/samples/denoising.gif") as im:
         assert im.n_frames == 50 + 1 + 1  # t = 1000, 980, ..., 20; t = 1; x_0
     assert os.path.isfile("port32/samples/forward.png")  # from its own samples: no dataset to download
+
+
+def test_pretrained_pickle_is_one_line_without_pytorch_warnings():
+    """pytest would swallow the unpickler's warnings: run the command line, as a user does."""
+    with open("pickle.bin", "wb") as f:
+        pickle.dump({"a": 1}, f)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--pretrained", "pickle.bin"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "weights_only" not in p.stderr, p.stderr

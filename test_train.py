@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 import common
+import ddpm
 import train
+import unet
 from conftest import HERE, TINY, run_program
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +40,7 @@ def test_short_digits_run_lowers_the_loss_and_writes_its_files():
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2])
     ckpt = common.load_checkpoint("r")
     assert ckpt["step"] == 60 and ckpt["config"]["dataset"] == "digits"
-    model, diffusion = common.model_from_checkpoint(ckpt)
+    model, diffusion, _ = common.load_run("r")
     assert diffusion.T == 20 and model.config["ch"] == 32
     with Image.open("r/samples.png") as im:
         assert im.size[0] >= 256
@@ -73,18 +75,64 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(monkeypatch):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(monkeypatch, capsys):
     assert run(*TINY, "--steps", "5", "--out", "r") == 0
-    real = train.Diffusion.training_loss
+    real = ddpm.Diffusion.training_loss
     calls = {"n": 0}
 
-    def goes_nan(self, *args):
+    def goes_nan(self, *args, **kwargs):
         calls["n"] += 1
-        loss = real(self, *args)
+        loss = real(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train.Diffusion, "training_loss", goes_nan)
-    code = run("--resume", "r", "--steps", "10")
-    assert "step 8" in str(code) and "r/ckpt.pt" in str(code)
+    monkeypatch.setattr(ddpm.Diffusion, "training_loss", goes_nan)
+    capsys.readouterr()
+    assert run("--resume", "r", "--steps", "10") == train.DIVERGED
+    err = capsys.readouterr().err
+    assert "loss became nan at step 8" in err and "r/ckpt.pt" in err
     assert common.load_checkpoint("r")["step"] == 5
+
+
+def test_a_kill_while_loss_csv_is_rewritten_loses_no_row_and_a_torn_row_is_harmless(monkeypatch):
+    assert run(*TINY, "--steps", "20", "--out", "r") == 0
+    before = rows("r")
+    assert len(before) == 4
+
+    def killed(self, f, rows, header=False):  # the header is out, then the process dies
+        f.write("step,loss,lr,seconds\n")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train.LossLog, "_write", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run("--resume", "r", "--steps", "30")
+    assert rows("r") == before
+    with open("r/loss.csv", "a") as f:
+        f.write("25,0.1")  # a kill in the middle of an append
+    assert run("--resume", "r", "--steps", "30") == 0
+    after = rows("r")
+    assert after[:4] == before and [r["step"] for r in after] == ["5", "10", "15", "20", "25", "30"]
+
+
+def test_a_finished_run_without_its_grid_gets_it_on_resume(capsys):
+    assert run(*TINY, "--steps", "3", "--out", "r") == 0
+    os.remove("r/samples.png")
+    assert run("--resume", "r") == 0 and os.path.exists("r/samples.png")
+    assert common.load_checkpoint("r")["step"] == 3
+    capsys.readouterr()
+    assert run("--resume", "r") == 2 and "already trained" in capsys.readouterr().err
+
+
+def test_the_grid_is_the_one_sample_py_draws_with_the_run_seed():
+    import sample
+    assert run(*TINY, "--steps", "3", "--seed", "5", "--out", "r") == 0
+    assert run_program(sample.main, ["--checkpoint", "r", "--n", "4", "--seed", "5", "--out", "s"]) == 0
+    with Image.open("r/samples.png") as a, Image.open("s/grid.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_checkpoint_records_the_presets_dropout():
+    assert run(*TINY, "--steps", "1", "--out", "r") == 0
+    assert common.load_checkpoint("r")["config"]["dropout"] == unet.PRESETS["digits"]["dropout"]
+    assert train.CONFIGS["digits"]["dropout"] is None  # one source: unet.PRESETS
 
 
 def test_folder_of_images(tmp_path):
@@ -117,6 +165,17 @@ def test_folder_of_images(tmp_path):
     (["--resume", "corrupt.pt"], "not a readable checkpoint"),
     (["--resume", "nothing-here"], "no checkpoint"),
     (["--out", "r"], "already holds a run"),
+    (["--lr", "nan"], "must be positive"), (["--lr", "inf"], "must be positive"),
+    (["--ch-mult", ""], "one or more positive integers"), (["--ch-mult", "0,1"], "positive integers"),
+    (["--attn-resolutions", "-4"], "positive integers"), (["--ema-decay", "-1"], "must be in [0, 1)"),
+    (["--ema-decay", "1"], "must be in [0, 1)"), (["--warmup", "-3"], "must be at least 0"),
+    (["--sample-every", "-1"], "must be at least 0"), (["--dropout", "2"], "must be in [0, 1)"),
+    (["--resume", "misfit.pt"], "do not fit its own configuration"),
+    (["--resume", "old.pt"], "lacks"),
+    (["--resume", "malicious.pt"], "holds Python objects"),
+    (["--out", "a-file/run"], "cannot write to a-file/run: "),
+    (["--sigma", "learned"], "needs --objective vlb"),
+    (["--predict", "xprev"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert run(*TINY, "--steps", "2", "--out", "r") == 0
@@ -126,11 +185,17 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
         f.write(b"not a png")
     with open("corrupt.pt", "wb") as f:
         f.write(b"\x00garbage")
+    open("a-file", "w").close()
+    ckpt = common.load_checkpoint("r")
+    torch.save({**ckpt, "ema": dict(list(ckpt["ema"].items())[1:])}, "misfit.pt")  # a tensor missing
+    torch.save({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "lr"}}, "old.pt")
+    torch.save({**ckpt, "extra": torch.nn.Linear(2, 2)}, "malicious.pt")
     before = open("r/ckpt.pt", "rb").read()
     capsys.readouterr()
     assert run(*TINY, "--steps", "4", *argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    assert "weights_only" not in err  # never PyTorch's advice to load an untrusted file unsafely
     assert open("r/ckpt.pt", "rb").read() == before  # nothing the user had is touched
 
 

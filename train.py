@@ -3,9 +3,11 @@
     python train.py                       # digits on this machine, a few minutes on a CPU
     python train.py --config cifar10      # the paper's CIFAR-10 recipe (GPU)
     torchrun --nproc_per_node=8 train.py --config cifar10    # the same on 8 GPUs
+    python train.py --predict mean --objective vlb --sigma learned   # a row of the paper's Table 2
 
 Writes runs/<config>/: ckpt.pt (model, EMA, optimizer, step, RNG, config), samples.png,
 loss.csv and loss.png. `python train.py --resume` continues the latest run.
+Exit codes: 0 done, 2 a usage mistake, 3 the loss or gradient diverged (NaN/inf), 130 Ctrl-C.
 """
 import argparse
 import copy
@@ -13,38 +15,49 @@ import csv
 import math
 import os
 import signal
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import common
-from common import UsageError
-from ddpm import Diffusion, linear_betas
+from common import UsageError, number, positive
+from ddpm import OBJECTIVES, PREDICT, SIGMA
 import unet
 
 # Every value can be overridden by a flag of the same name (see --help).
 CONFIGS = {
     # Ours: sklearn's 8x8 digits on a laptop CPU. Chosen by measurement (README, "Training").
     "digits": dict(dataset="digits", preset="digits", image_size=None, steps=2000, batch_size=128, lr=2e-3,
-                   warmup=200, grad_clip=1.0, ema_decay=0.999, dropout=0.0, T=1000, flip=False,
+                   warmup=200, grad_clip=1.0, ema_decay=0.999, T=1000, flip=False,
                    log_every=50, ckpt_every=1000, sample_every=0, n_samples=64, seed=0),
     # The paper's CIFAR-10 recipe (Appendix B and the authors' run_cifar.py).
     "cifar10": dict(dataset="cifar10", preset="cifar10", image_size=None, steps=800_000, batch_size=128, lr=2e-4,
-                    warmup=5000, grad_clip=1.0, ema_decay=0.9999, dropout=0.1, T=1000, flip=True,
+                    warmup=5000, grad_clip=1.0, ema_decay=0.9999, T=1000, flip=True,
                     log_every=100, ckpt_every=10_000, sample_every=20_000, n_samples=64, seed=0),
 }
-NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions")  # None: the preset's value
-for c in CONFIGS.values():
-    c.update(dict.fromkeys(NETWORK_KEYS))
+# None: the network preset's value (unet.PRESETS is the one source for them).
+NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
+for c in CONFIGS.values():  # the paper's choices (Sec. 3.2, Table 2's last row) unless a flag says otherwise
+    c.update(dict.fromkeys(NETWORK_KEYS), predict="eps", objective="simple", sigma="beta")
 # What a checkpoint's weights depend on: a resumed run may not change these.
-MODEL_KEYS = ("dataset", "preset", "image_size", "T", "dropout", *NETWORK_KEYS)
+MODEL_KEYS = ("dataset", "preset", "image_size", "T", "predict", "objective", "sigma", *NETWORK_KEYS)
+DIVERGED = 3  # exit code for a NaN or infinite loss or gradient (ablation.py records such a run as unstable)
 
 
-def int_tuple(text):
-    """'1,2,2' -> (1, 2, 2); '' -> ()."""
-    return tuple(int(v) for v in text.split(",") if v.strip())
+def int_tuple(allow_empty):
+    """argparse type: '1,2,2' -> (1, 2, 2), every value positive; '' -> () where allowed."""
+    def parse(text):
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+        if not values and not allow_empty or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"must be {'' if allow_empty else 'one or more '}positive integers "
+                                             f"separated by commas, got {text!r}")
+        return values
+    parse.__name__ = "list of integers"
+    return parse
 
 
 def parse_args(argv=None):
@@ -52,26 +65,33 @@ def parse_args(argv=None):
     p.add_argument("--config", default="digits", help=f"starting values: {', '.join(CONFIGS)} (default digits)")
     p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, or a folder of images")
     p.add_argument("--preset", help=f"network preset from unet.py: {', '.join(unet.PRESETS)}")
-    p.add_argument("--ch", type=common.positive(), help="network base channels (default: the preset's)")
-    p.add_argument("--ch-mult", type=int_tuple, help="channel multiplier per resolution, e.g. 1,2,2")
-    p.add_argument("--num-res-blocks", type=common.positive(), help="residual blocks per resolution")
-    p.add_argument("--attn-resolutions", type=int_tuple, help="resolutions with self-attention, e.g. 16 ('' for none)")
-    p.add_argument("--image-size", type=common.positive(),
-                   help="resize images to this square size (default: as stored)")
-    p.add_argument("--steps", type=common.positive(), help="total optimizer steps")
-    p.add_argument("--batch-size", type=common.positive(), help="global batch size (split across GPUs)")
-    p.add_argument("--lr", type=common.positive(float), help="Adam learning rate after warm-up")
-    p.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
-    p.add_argument("--grad-clip", type=common.positive(float), help="clip the gradient norm to this")
-    p.add_argument("--ema-decay", type=float, help="EMA decay (warmed up as min(decay, (1+k)/(10+k)))")
-    p.add_argument("--dropout", type=float, help="dropout in the residual blocks")
-    p.add_argument("--T", type=common.positive(), help="diffusion steps (linear betas scaled by 1000/T)")
+    p.add_argument("--ch", type=positive(), help="network base channels (default: the preset's)")
+    p.add_argument("--ch-mult", type=int_tuple(False), help="channel multiplier per resolution, e.g. 1,2,2")
+    p.add_argument("--num-res-blocks", type=positive(), help="residual blocks per resolution")
+    p.add_argument("--attn-resolutions", type=int_tuple(True), help="resolutions with self-attention, e.g. 16 "
+                   "('' for none)")
+    p.add_argument("--dropout", type=number(float, 0, 1, hi_open=True), help="dropout in the residual blocks")
+    p.add_argument("--image-size", type=positive(), help="resize images to this square size (default: as stored)")
+    p.add_argument("--predict", choices=PREDICT, help="what the network outputs (Sec. 3.2): eps (default, Eq. 11),"
+                   " x0, or mean (mu_theta itself)")
+    p.add_argument("--objective", choices=OBJECTIVES, help="simple (default: unweighted MSE on the network's "
+                   "target, Eq. 14 for eps) or vlb (the bound of Eq. 5)")
+    p.add_argument("--sigma", choices=SIGMA, help="reverse variance: beta (default), beta_tilde, or learned "
+                   "(needs --objective vlb)")
+    p.add_argument("--steps", type=positive(), help="total optimizer steps")
+    p.add_argument("--batch-size", type=positive(), help="global batch size (split across GPUs)")
+    p.add_argument("--lr", type=positive(float), help="Adam learning rate after warm-up")
+    p.add_argument("--warmup", type=number(int, 0), help="linear learning-rate warm-up steps")
+    p.add_argument("--grad-clip", type=positive(float), help="clip the gradient norm to this")
+    p.add_argument("--ema-decay", type=number(float, 0, 1, hi_open=True),
+                   help="EMA decay in [0, 1) (warmed up as min(decay, (1+k)/(10+k)))")
+    p.add_argument("--T", type=positive(), help="diffusion steps (linear betas scaled by 1000/T)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
-    p.add_argument("--log-every", type=common.positive(), help="steps between loss.csv rows")
-    p.add_argument("--ckpt-every", type=common.positive(), help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, help="steps between sample grids (0: only at the end)")
-    p.add_argument("--n-samples", type=common.positive(), help="images in each sample grid")
-    p.add_argument("--seed", type=int, help="seed for data order, t and noise")
+    p.add_argument("--log-every", type=positive(), help="steps between loss.csv rows")
+    p.add_argument("--ckpt-every", type=positive(), help="steps between checkpoints")
+    p.add_argument("--sample-every", type=number(int, 0), help="steps between sample grids (0: only at the end)")
+    p.add_argument("--n-samples", type=positive(), help="images in each sample grid")
+    p.add_argument("--seed", type=int, help="seed for the weights, data order, t and noise (and the final grid)")
     p.add_argument("--out", help="run directory (default runs/<config>, or a fresh runs/<config>-N)")
     p.add_argument("--resume", nargs="?", const="latest", help="continue a run: its directory or ckpt.pt "
                    "(default: the latest run)")
@@ -90,15 +110,21 @@ def resolve_config(args, given):
     """The run's configuration and directory; on --resume, the checkpoint's (checked against flags)."""
     if args.resume:
         path = common.latest_checkpoint() if args.resume == "latest" else args.resume
-        ckpt = common.load_checkpoint(path)
+        ckpt = common.load_checkpoint(path, needs=CONFIGS["digits"].keys())
         for k in MODEL_KEYS:
             if k in given and given[k] != ckpt["config"][k]:
                 raise UsageError(f"the checkpoint {path} was trained with --{k.replace('_', '-')} "
                                  f"{ckpt['config'][k]}, not {given[k]}: start a new run with another --out")
-        config = {**ckpt["config"], **given}
-        out = os.path.dirname(path) if path.endswith(".pt") else path
-        return config, out, ckpt
+        out = (os.path.dirname(path) or ".") if path.endswith(".pt") else path
+        return {**ckpt["config"], **given}, out, ckpt
     config = {**CONFIGS[args.config], "config": args.config, **given}
+    if config["preset"] not in unet.PRESETS:
+        raise UsageError(f"unknown preset {config['preset']!r}: use one of {', '.join(unet.PRESETS)}")
+    for k in NETWORK_KEYS:  # record the values used, so the checkpoint says what was trained
+        config[k] = unet.PRESETS[config["preset"]][k] if config[k] is None else config[k]
+    if config["sigma"] == "learned" and config["objective"] == "simple":
+        raise UsageError("--sigma learned needs --objective vlb: an unweighted MSE does not train a variance "
+                         "(no row of the paper's Table 2 pairs them)")
     out = args.out or os.path.join(common.RUNS, args.config)
     if args.out is None:  # never overwrite a finished run: take a fresh directory
         n = 1
@@ -110,6 +136,126 @@ def resolve_config(args, given):
     return config, out, None
 
 
+# ---- processes ------------------------------------------------------------------------------------
+def start_processes(args):
+    """(rank, world size, device): one process, or one per GPU when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, common.pick_device(args.device)
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if gpu else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if gpu else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def mean_over_processes(value, world):
+    """The batch's loss, averaged over processes, as a float (every process gets the same number)."""
+    value = value.detach().float()
+    if world > 1:
+        dist.all_reduce(value)
+        value = value / world
+    return value.item()
+
+
+def any_process(flag, device, world):
+    """True on every process if it is true on any (so all of them stop at the same step)."""
+    if world == 1:
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+# ---- the run's state -----------------------------------------------------------------------------
+def build(config, ckpt, device, channels, size, path=None):
+    """Network, EMA copy, optimizer, diffusion and noise generator; restored from ckpt (read from path)."""
+    torch.manual_seed(config["seed"])  # the initial weights, and dropout
+    out_channels = 2 * channels if config["sigma"] == "learned" else channels  # + a log-variance (Table 2)
+    try:
+        model = unet.build(config["preset"], in_channels=channels, out_channels=out_channels, image_size=size,
+                           T=config["T"], **{k: config[k] for k in NETWORK_KEYS})
+    except ValueError as e:
+        raise UsageError(f"{e} (dataset {config['dataset']} has {channels}x{size}x{size} images)") from None
+    model.to(device)
+    s = SimpleNamespace(model=model, ema=copy.deepcopy(model).requires_grad_(False).eval(), step=0,
+                        diffusion=common.make_diffusion(config),
+                        opt=torch.optim.Adam(model.parameters(), lr=config["lr"], foreach=True),
+                        noise_gen=torch.Generator(device).manual_seed(config["seed"] + 1))
+    if ckpt is not None:
+        common.restore(s.model, ckpt["model"], path)
+        common.restore(s.ema, ckpt["ema"], path, "EMA weights")
+        common.restore(s.opt, ckpt["optimizer"], path, "optimizer state")
+        s.step = ckpt["step"]
+        s.noise_gen.set_state(ckpt["rng"]["noise"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return s
+
+
+def save(s, config, out, device):
+    state = {"model": s.model.state_dict(), "ema": s.ema.state_dict(), "optimizer": s.opt.state_dict(),
+             "step": s.step, "config": config, "model_config": s.model.config,
+             "rng": {"noise": s.noise_gen.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+    common.save_checkpoint(state, os.path.join(out, common.CHECKPOINT))
+
+
+class LossLog:
+    """loss.csv: one row every --log-every steps. On resume the rows after the checkpoint are dropped by
+    an atomic rewrite, so a kill at any moment loses no row; a torn row (a kill mid-append) is skipped."""
+    FIELDS = ["step", "loss", "lr", "seconds"]
+
+    def __init__(self, path, keep_until):
+        self.path = path
+        kept = [r for r in read_rows(path) if int(r["step"]) <= keep_until]
+        common.write_atomic(path, lambda f: self._write(f, kept, header=True))
+
+    def _write(self, f, rows, header=False):
+        w = csv.DictWriter(f, fieldnames=self.FIELDS)
+        if header:
+            w.writeheader()
+        w.writerows(rows)
+
+    def append(self, step, loss, lr, seconds):
+        with open(self.path, "a", newline="") as f:
+            self._write(f, [dict(step=step, loss=f"{loss:.6f}", lr=f"{lr:.3g}", seconds=f"{seconds:.1f}")])
+
+
+def read_rows(path):
+    """The whole, well-formed rows of a loss.csv (none if it is missing)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ok = []
+    for r in rows:
+        try:
+            int(r["step"]), float(r["loss"])
+            ok.append(r)
+        except (TypeError, ValueError, KeyError):
+            continue
+    return ok
+
+
+def write_loss_plot(csv_path, png_path, objective="simple"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_rows(csv_path)
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps, losses = [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+    ax.plot(steps, losses)
+    label = "L_simple (mean over dims)" if objective == "simple" else "T L_{t-1} (bits/dim)"
+    ax.set(xlabel="step", ylabel=label, yscale="log" if min(losses) > 0 else "linear",
+           title="training loss")
+    fig.tight_layout()
+    common.write_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=100), "wb")
+    plt.close(fig)
+
+
+# ---- Algorithm 1 ----------------------------------------------------------------------------------
 def global_batch(step, n, batch_size, seed):
     """Indices of the images in optimizer step `step`: epochs of a seeded permutation.
 
@@ -122,6 +268,25 @@ def global_batch(step, n, batch_size, seed):
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
+def draw_batch(s, config, images, levels, rank, world, device):
+    """x_0 ~ q(x_0), t ~ Uniform{1..T}, eps ~ N(0, I) for the global batch; returns this process's slice."""
+    B = config["batch_size"]
+    idx = global_batch(s.step, len(images), B, config["seed"])
+    t = torch.randint(1, config["T"] + 1, (B,), generator=s.noise_gen, device=device)
+    noise = torch.randn((B, *images.shape[1:]), generator=s.noise_gen, device=device)
+    flips = torch.rand(B, generator=s.noise_gen, device=device) < 0.5
+    mine = slice(rank * B // world, (rank + 1) * B // world)
+    x0 = common.to_model_range(images[idx[mine].to(device)], levels)
+    if config["flip"]:
+        x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
+    return x0, t[mine], noise[mine]
+
+
+def learning_rate(config, step):
+    """Linear warm-up to --lr, then constant (the authors' schedule)."""
+    return config["lr"] * min(1.0, (step + 1) / config["warmup"]) if config["warmup"] > 0 else config["lr"]
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay, step):
     """EMA of the parameters only (never buffers), with the warm-up min(decay, (1+k)/(10+k))
@@ -130,169 +295,123 @@ def ema_update(ema, model, decay, step):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
 
 
-def sample_grid(diffusion, ema, config, shape, device, path):
-    g = torch.Generator(device).manual_seed(config["seed"])
-    x = diffusion.p_sample_loop(ema, shape, clip=True, generator=g, device=device)
-    common.save_image(common.grid_image(x), path)
+class Diverged(Exception):
+    """The loss or the gradient norm became NaN or infinite."""
 
 
-def write_loss_plot(csv_path, png_path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
-    ax.set(xlabel="step", ylabel="L_simple (mean over dims)", yscale="log", title="training loss")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+def train_step(s, net, config, batch, amp, scaler, world):
+    """One gradient step of Algorithm 1 on the objective; returns the batch's loss (averaged over processes)."""
+    x0, t, noise = batch
+    lr = learning_rate(config, s.step)
+    for group in s.opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
+        loss = s.diffusion.training_loss(net, x0, t, noise, objective=config["objective"], levels=s.levels)
+    loss_value = mean_over_processes(loss, world)
+    if not math.isfinite(loss_value):
+        raise Diverged(f"the loss became {loss_value}")
+    s.opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(s.opt)
+    norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), config["grad_clip"])
+    if not scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
+        raise Diverged(f"the gradient norm became {norm.item()}")
+    scaler.step(s.opt)
+    scaler.update()
+    ema_update(s.ema, s.model, config["ema_decay"], s.step)
+    s.step += 1
+    return loss_value, lr
+
+
+def sample_grid(s, config, n, path, device):
+    """The run's samples as `python sample.py --seed <the run's seed> --n n` draws them (EMA weights)."""
+    x = common.generate(s.ema, s.diffusion, n, seed=config["seed"], device=device, progress=False)
+    common.save_image(common.grid_image(x[:64]), path)
+
+
+def train(s, net, config, out, images, rank, world, device, amp):
+    """Steps until --steps or Ctrl-C, logging, checkpointing and drawing grids on the way. Returns True
+    when interrupted."""
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    log = LossLog(os.path.join(out, "loss.csv"), keep_until=s.step) if rank == 0 else None
+    stop = {"flag": False}
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))  # finish the step, save, exit
+    bar = tqdm(total=config["steps"], initial=s.step, disable=rank != 0, dynamic_ncols=True, unit="step")
+    t0 = time.time()
+    s.model.train()
+    try:
+        while s.step < config["steps"]:
+            batch = draw_batch(s, config, images, s.levels, rank, world, device)
+            loss, lr = train_step(s, net, config, batch, amp, scaler, world)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
+            stopping = any_process(stop["flag"], device, world)
+            if rank == 0:
+                end = s.step == config["steps"]
+                if s.step % config["log_every"] == 0 or end:
+                    log.append(s.step, loss, lr, time.time() - t0)
+                if s.step % config["ckpt_every"] == 0 or end or stopping:
+                    save(s, config, out, device)
+                    write_loss_plot(log.path, os.path.join(out, "loss.png"), config["objective"])
+                if config["sample_every"] and s.step % config["sample_every"] == 0 and not end:
+                    sample_grid(s, config, 16, os.path.join(out, f"samples_{s.step:07d}.png"), device)
+            if stopping:
+                return True
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+    print(f"trained {s.step} steps in {time.time() - t0:.0f} s; final loss {loss:.4f}")
+    return False
 
 
 def main(argv=None):
     args, given = parse_args(argv)
     config, out, ckpt = resolve_config(args, given)
-    distributed = "RANK" in os.environ
-    if distributed:  # launched by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if torch.cuda.is_available() \
-            and args.device != "cpu" else torch.device("cpu")
-    else:
-        rank, world, device = 0, 1, common.pick_device(args.device)
-    B = config["batch_size"]
-    if B % world:
-        raise UsageError(f"--batch-size {B} must be divisible by the number of processes ({world})")
-
+    common.check_writable(out)
+    rank, world, device = start_processes(args)
+    if config["batch_size"] % world:
+        raise UsageError(f"--batch-size {config['batch_size']} must be divisible by the number of processes ({world})")
     images, _, levels = common.load_dataset(config["dataset"], "train", config.get("image_size"), args.data_root)
-    if len(images) < B:
-        raise UsageError(f"--batch-size {B} is larger than the dataset ({len(images)} images)")
-    C, H = images.shape[1], images.shape[2]
-    torch.manual_seed(config["seed"])  # the initial weights, and dropout
-    try:
-        network = {k: config[k] for k in NETWORK_KEYS if config[k] is not None}
-        model = unet.build(config["preset"], in_channels=C, out_channels=C, image_size=H,
-                           dropout=config["dropout"], T=config["T"], **network)
-    except ValueError as e:
-        raise UsageError(f"{e} (dataset {config['dataset']} has {C}x{H}x{H} images)") from None
-    model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    diffusion = Diffusion(linear_betas(config["T"]))
-    opt = torch.optim.Adam(model.parameters(), lr=config["lr"], foreach=True)
-    noise_gen = torch.Generator(device).manual_seed(config["seed"] + 1)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        noise_gen.set_state(ckpt["rng"]["noise"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        if step >= config["steps"]:
-            raise UsageError(f"{out} is already trained to step {step}: pass a larger --steps to continue")
-    net = model
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if args.compile:
-        net = torch.compile(net)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    images = images.to(device)
+    if len(images) < config["batch_size"]:
+        raise UsageError(f"--batch-size {config['batch_size']} is larger than the dataset ({len(images)} images)")
+    s = build(config, ckpt, device, images.shape[1], images.shape[2], out)
+    s.levels, grid = levels, os.path.join(out, "samples.png")
+    if s.step >= config["steps"] and os.path.exists(grid):
+        raise UsageError(f"{out} is already trained to step {s.step}: pass a larger --steps to continue")
+    if s.step < config["steps"]:
+        run_training(s, args, config, out, images, rank, world, device)
+    if rank == 0:  # also reached by --resume of a finished run that lost its grid
+        print(f"drawing {config['n_samples']} samples from the EMA model...")
+        sample_grid(s, config, config["n_samples"], grid, device)
+        print(f"wrote {out}/{common.CHECKPOINT}, {grid}, loss.csv and loss.png")
 
-    def save(at_step):
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                 "step": at_step, "config": config, "model_config": model.config,
-                 "rng": {"noise": noise_gen.get_state(), "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        common.save_checkpoint(state, os.path.join(out, common.CHECKPOINT))
 
-    log_path = os.path.join(out, "loss.csv")
+def run_training(s, args, config, out, images, rank, world, device):
+    """Wrap the network (DDP, compile, autocast), train, and turn a divergence or Ctrl-C into an exit code."""
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-        rows = []
-        if os.path.exists(log_path):  # keep what was logged up to the checkpoint we resume from
-            with open(log_path) as f:
-                rows = [r for r in csv.DictReader(f) if ckpt is not None and int(r["step"]) <= step]
-        with open(log_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
-            w.writeheader()
-            w.writerows(rows)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{config['dataset']}: {len(images)} training images {C}x{H}x{H}; {config['preset']} network "
-              f"{n_params:,} parameters; {device}, {world} process(es); writing {out}/")
-
-    stop = {"flag": False}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))  # finish the step, save, exit
-    bar = tqdm(total=config["steps"], initial=step, disable=rank != 0, dynamic_ncols=True, unit="step")
-    b, t0, done_ok = B // world, time.time(), True
-    model.train()
-    while step < config["steps"]:
-        idx = global_batch(step, len(images), B, config["seed"])
-        t = torch.randint(1, config["T"] + 1, (B,), generator=noise_gen, device=device)
-        noise = torch.randn((B, *images.shape[1:]), generator=noise_gen, device=device)
-        flips = torch.rand(B, generator=noise_gen, device=device) < 0.5
-        mine = slice(rank * b, (rank + 1) * b)
-        x0 = common.to_model_range(images[idx[mine].to(device)], levels)
-        if config["flip"]:
-            x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
-        lr = config["lr"] * min(1.0, (step + 1) / config["warmup"]) if config["warmup"] > 0 else config["lr"]
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = diffusion.training_loss(net, x0, t[mine], noise[mine])
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        status = torch.stack([loss.detach().float(), torch.tensor(float(stop["flag"]), device=device)])
-        if distributed:
-            dist.all_reduce(status)
-            status[0] /= world
-        loss_value, stopping = status[0].item(), status[1].item() > 0
-        if not math.isfinite(loss_value):
-            where = f"{out}/{common.CHECKPOINT}" if os.path.exists(os.path.join(out, common.CHECKPOINT)) else "none yet"
-            bar.close()
-            raise SystemExit(f"error: the loss became {loss_value} at step {step + 1}; stopped without "
-                             f"saving. Last good checkpoint: {where}. Try a lower --lr.")
-        scaler.step(opt)
-        scaler.update()
-        ema_update(ema, model, config["ema_decay"], step)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.1e}")
+        print(f"{config['dataset']}: {len(images)} training images {'x'.join(map(str, images.shape[1:]))}; "
+              f"{config['preset']} network {sum(p.numel() for p in s.model.parameters()):,} parameters; "
+              f"{config['predict']}, {config['objective']}, sigma^2 {config['sigma']}; {device}, {world} "
+              f"process(es); writing {out}/")
+    net = torch.nn.parallel.DistributedDataParallel(
+        s.model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else s.model
+    net = torch.compile(net) if args.compile else net
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
+    try:
+        interrupted = train(s, net, config, out, images.to(device), rank, world, device, amp)
+    except Diverged as e:
+        where = os.path.join(out, common.CHECKPOINT)
+        print(f"error: {e} at step {s.step + 1}; stopped without saving. Last good checkpoint: "
+              f"{where if os.path.exists(where) else 'none yet'}. Try a lower --lr.", file=sys.stderr)
+        raise SystemExit(DIVERGED) from None
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if interrupted:
         if rank == 0:
-            if step % config["log_every"] == 0 or step == config["steps"]:
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([step, f"{loss_value:.6f}", f"{lr:.3g}", f"{time.time() - t0:.1f}"])
-            if step % config["ckpt_every"] == 0 or step == config["steps"] or stopping:
-                save(step)
-                write_loss_plot(log_path, os.path.join(out, "loss.png"))
-            if config["sample_every"] and step % config["sample_every"] == 0 and step < config["steps"]:
-                path = os.path.join(out, f"samples_{step:07d}.png")
-                sample_grid(diffusion, ema.eval(), config, (16, C, H, H), device, path)
-        if stopping:
-            bar.close()
-            if rank == 0:
-                print(f"interrupted: saved step {step} to {out}/{common.CHECKPOINT}; continue with "
-                      f"python train.py --resume {out}")
-            done_ok = False
-            break
-    bar.close()
-    if rank == 0 and done_ok:
-        print(f"trained {step} steps in {time.time() - t0:.0f} s; final loss {loss_value:.4f}; "
-              f"drawing {config['n_samples']} samples from the EMA model...")
-        path = os.path.join(out, "samples.png")
-        sample_grid(diffusion, ema.eval(), config, (config["n_samples"], C, H, H), device, path)
-        print(f"wrote {out}/{common.CHECKPOINT}, {path}, {log_path} and loss.png")
-    if distributed:
-        dist.destroy_process_group()
-    if not done_ok:
+            print(f"interrupted: saved step {s.step} to {out}/{common.CHECKPOINT}; continue with "
+                  f"python train.py --resume {out}")
         raise SystemExit(130)
 
 

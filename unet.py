@@ -28,7 +28,7 @@ PRESETS = {
     # Ours, not the paper's: sklearn's 8x8 digits (1.06M parameters), sized to train in minutes on a
     # 2-core CPU. ch=32 is the least GroupNorm(32) allows; one block per level; attention only in the middle.
     "digits": dict(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(),
-                   num_res_blocks=1, dropout=0.1, image_size=8, T=1000),
+                   num_res_blocks=1, dropout=0.0, image_size=8, T=1000),
 }
 
 
@@ -312,6 +312,24 @@ def _from_diffusers(sd: dict, ours: dict, source) -> dict:
     return out
 
 
+def load_tensors(path):
+    """torch.load that never runs code from the file (weights_only=True), with a one-line ValueError that
+    says what is wrong with the file (and never suggests trusting it) instead of PyTorch's advice."""
+    import warnings
+    with warnings.catch_warnings():  # the unpickler warns about protocols before it refuses
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            text = str(e)
+            if "Unsupported global" in text:
+                raise ValueError(f"{path} holds Python objects other than tensors and plain values: not loaded, "
+                                 f"since loading it could run code; it is not a file of weights") from None
+            why = "" if text.startswith("Weights only") else f": {text.splitlines()[0][:120]}" if text else ""
+            raise ValueError(f"{path} is not a readable checkpoint or weights file (truncated or corrupt?){why}") \
+                from None
+
+
 def load_pretrained(path, config_path=None) -> UNet:
     """Load the authors' weights from a Hugging Face port (diffusers UNet2DModel format).
 
@@ -333,7 +351,7 @@ def load_pretrained(path, config_path=None) -> UNet:
         from safetensors.torch import load_file
         sd = load_file(str(path))
     elif path.suffix in (".bin", ".pt", ".pth"):
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        sd = load_tensors(path)
     else:
         raise ValueError(f"{path}: expected a .safetensors or .bin weights file")
     if config_path is None and (path.parent / "config.json").is_file():
