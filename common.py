@@ -27,12 +27,15 @@ def first_line(e, limit=200):
 
 
 def run(main):
-    """Run a program's main(), turning UsageError into 'error: ...' and exit code 2."""
+    """Run a program's main(), turning UsageError into 'error: ...' and exit code 2 (Ctrl-C: 130)."""
     try:
         main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside train.py's loop (which saves first): no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 class Parser(argparse.ArgumentParser):
@@ -283,6 +286,23 @@ def grid_image(x, nrow=8, min_size=256, pad=1):
     im = Image.fromarray(array[..., 0] if c == 1 else array)
     scale = max(1, -(-min_size // max(im.size)))
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+
+
+LABEL_H, LABEL_W = 14, 48  # height of a column label, width of a row label (pixels)
+
+
+def labelled(im, columns, rows=(), row_width=LABEL_W):
+    """im with its columns named in a strip on top (and its rows on the left, if given)."""
+    from PIL import Image, ImageDraw
+    left = row_width if rows else 0
+    out = Image.new(im.mode, (im.width + left, im.height + LABEL_H), "white")
+    out.paste(im, (left, LABEL_H))
+    draw = ImageDraw.Draw(out)
+    for j, text in enumerate(columns):
+        draw.text((left + im.width * (j + 0.5) / len(columns) - draw.textlength(text) / 2, 1), text, fill="black")
+    for i, text in enumerate(rows):
+        draw.text((2, LABEL_H + im.height * (i + 0.5) / len(rows) - 5), text, fill="black")
+    return out
 
 
 def save_image(im, path, force=True):

@@ -106,6 +106,8 @@ def frechet_distance(a, b):
     (2-Wasserstein) distance of Gaussians fitted to them -- the formula of FID (Heusel et al. 2017)."""
     from scipy import linalg
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):  # samples of a diverged model: no distance
+        return math.nan
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     with warnings.catch_warnings():  # dead ReLU features make S singular; the root is still fine
         warnings.simplefilter("ignore")

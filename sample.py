@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 import common
@@ -23,7 +23,7 @@ from common import UsageError
 import unet
 
 STRIP, GIF_SAMPLES = 4, 16  # samples shown in reverse.png / forward.png, and in denoising.gif
-FIGURE_SIZE, LABEL_H, LABEL_W = 384, 14, 48  # figures' minimum size; height/width of their labels (pixels)
+FIGURE_SIZE = 384  # the figures' minimum size (pixels)
 
 
 def parse_args(argv=None):
@@ -84,19 +84,6 @@ def timesteps(T):
     return sorted({T, round(3 * T / 4), round(T / 2), round(T / 4), round(T / 10), 1} - {0}, reverse=True)
 
 
-def labelled(im, columns, rows=()):
-    """im with its columns named in a strip on top (and its rows on the left, if given)."""
-    left = LABEL_W if rows else 0
-    out = Image.new(im.mode, (im.width + left, im.height + LABEL_H), "white")
-    out.paste(im, (left, LABEL_H))
-    draw = ImageDraw.Draw(out)
-    for j, text in enumerate(columns):
-        draw.text((left + im.width * (j + 0.5) / len(columns) - draw.textlength(text) / 2, 1), text, fill="black")
-    for i, text in enumerate(rows):
-        draw.text((2, LABEL_H + im.height * (i + 0.5) / len(rows) - 5), text, fill="black")
-    return out
-
-
 def reverse_figure(recorded, x0, ts):
     """Per sample, a row of x_t and a row of the predicted x0_hat (Eq. 15) at t = T..1, then the final x_0."""
     tiles = []
@@ -104,7 +91,7 @@ def reverse_figure(recorded, x0, ts):
         for k in (0, 1):  # 0: x_t, 1: x0_hat
             tiles += [*(recorded[t][k][i] for t in ts), x0[i]]
     im = common.grid_image(torch.stack(tiles), nrow=len(ts) + 1, min_size=FIGURE_SIZE)
-    return labelled(im, [f"t={t}" for t in ts] + ["x_0"], ["x_t", "x0_hat"] * len(x0))
+    return common.labelled(im, [f"t={t}" for t in ts] + ["x_0"], ["x_t", "x0_hat"] * len(x0))
 
 
 def forward_figure(diffusion, x0, ts, seed):
@@ -116,7 +103,7 @@ def forward_figure(diffusion, x0, ts, seed):
             kept[t] = x
     columns = [x0, *(kept[t] for t in reversed(ts))]
     im = common.grid_image(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns), min_size=FIGURE_SIZE)
-    return labelled(im, ["x_0"] + [f"t={t}" for t in reversed(ts)])
+    return common.labelled(im, ["x_0"] + [f"t={t}" for t in reversed(ts)])
 
 
 def gif_frame(x_t, x0_hat, title):
@@ -125,7 +112,7 @@ def gif_frame(x_t, x0_hat, title):
     both = Image.new(a.mode, (2 * a.width + 8, a.height), "white")
     both.paste(a, (0, 0))
     both.paste(b, (a.width + 8, 0))
-    return labelled(both, [title, "predicted x_0"])
+    return common.labelled(both, [title, "predicted x_0"])
 
 
 def write_samples(x, out):

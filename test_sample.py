@@ -130,10 +130,10 @@ def test_figures_have_the_expected_sizes_and_frames():
     cols = len(sample.timesteps(20)) + 1  # t = 20, 15, 10, 5, 2, 1, and x_0
     w, h = grid_size(2 * sample.STRIP, cols, 8, sample.FIGURE_SIZE)  # rows: x_t and x0_hat per sample
     with Image.open("f/reverse.png") as im:
-        assert im.size == (w + sample.LABEL_W, h + sample.LABEL_H)
+        assert im.size == (w + common.LABEL_W, h + common.LABEL_H)
     w, h = grid_size(sample.STRIP, cols, 8, sample.FIGURE_SIZE)
     with Image.open("f/forward.png") as im:
-        assert im.size == (w, h + sample.LABEL_H)
+        assert im.size == (w, h + common.LABEL_H)
     with Image.open("f/denoising.gif") as im:
         assert im.n_frames == 20 + 1  # every step (T // 50 < 1) and the final x_0
         im.seek(im.n_frames - 1)
