@@ -503,6 +503,21 @@ def test_vlb_objective_is_an_unbiased_estimate_of_the_bound(predict, sigma):
     assert abs(vlb.mean().item() - exact.mean().item()) < 4 * se, (vlb.mean(), exact.mean(), se)
 
 
+@pytest.mark.parametrize("sigma", ["beta", "learned"])
+def test_a_term_per_example_equals_the_term_at_each_t(sigma):
+    """vb_term_bpd with one t per example (as the vlb loss calls it) == one call per int t: the decoder L_0
+    where t = 1, the KL elsewhere."""
+    T, levels = 10, 17
+    d = Diffusion(linear_betas(T), sigma, "x0")
+    model = linear_model(T, 2 if sigma == "learned" else 1, seed=1)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([1, 2, 1, 7, 10, 1, 3, 2])
+    x0 = (torch.randint(0, levels, (8, 1), generator=g) * (2 / (levels - 1)) - 1).double()
+    xt = d.q_sample(x0, t, torch.randn(8, 1, generator=g, dtype=F64))
+    per_int = torch.cat([d.vb_term_bpd(model, x0[i:i + 1], xt[i:i + 1], int(t[i]), levels) for i in range(8)])
+    assert torch.allclose(d.vb_term_bpd(model, x0, xt, t, levels), per_int, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
 def test_vlb_objective_for_eps_is_eq12_through_the_loss(sigma):
     """At one t > 1, the vlb loss = T (lambda_t mean (eps - eps_theta)^2 + C_t) / ln 2 per dimension,
