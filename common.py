@@ -187,15 +187,22 @@ DATASETS = ["digits", *TORCHVISION]
 
 def load_dataset(name, split="train", image_size=None, root="data"):
     """'digits' (scikit-learn, no download), 'mnist', 'fashion-mnist', 'cifar10' (torchvision),
-    or a path to a folder of images. Returns (images uint8 [N,C,H,W], labels or None, levels)."""
+    or a path to a folder of images (its `split` subfolder if it has one, see has_split).
+    Returns (images uint8 [N,C,H,W], labels or None, levels)."""
     if name in DATASETS:
         images, labels, levels = _digits(split) if name == "digits" else _torchvision(name, split, root)
         if image_size and image_size != images.shape[-1]:
             images = _resize(images, image_size, levels)
         return images, labels, levels
     if os.path.sep in name or os.path.isdir(name):
-        return _folder(name, image_size)
+        return _folder(os.path.join(name, split) if has_split(name, split) else name, image_size)
     raise UsageError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a folder of images")
+
+
+def has_split(name, split):
+    """Named datasets have train and test splits; a folder has them as train/ and test/ subfolders
+    (without them, all its images serve as both)."""
+    return name in DATASETS or os.path.isdir(os.path.join(name, split))
 
 
 def _resize(images, size, levels):

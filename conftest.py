@@ -40,3 +40,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_port(directory, size):
+    """A random diffusers UNet2DModel with the DDPM architecture, saved as the Hugging Face ports are."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), downsample_padding=0, flip_sin_to_cos=False,
+                        freq_shift=1, norm_eps=1e-6, norm_num_groups=32, attention_head_dim=None)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "diffusion_pytorch_model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    model.save_config(directory)
+    return path

@@ -193,27 +193,30 @@ class Diffusion:
         mean, x0_hat = self.mean_from_output(output, xt, t, clip)
         return mean, log_var, x0_hat
 
-    def p_sample_step(self, model, xt, t, clip=False, generator=None):
+    def p_sample_step(self, model, xt, t, clip=False, generator=None, z=None):
         """Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at t = 1.
 
-        t is a python int (the whole batch is at one step). Returns (x_{t-1}, x0_hat).
+        t is a python int (the whole batch is at one step). z ~ N(0, I) is drawn from generator
+        unless given (figures share one z across a batch). Returns (x_{t-1}, x0_hat).
         """
         mean, log_var, x0_hat = self.p_mean_var(model, xt, t, clip)
         if t == 1:  # "At the end of sampling, we display mu_theta(x_1, 1) noiselessly."
             return mean, x0_hat
-        z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
+        if z is None:
+            z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
         return mean + torch.exp(0.5 * log_var) * z, x0_hat
 
     @torch.no_grad()
-    def p_sample_loop(self, model, shape, clip=False, generator=None, device="cpu", callback=None):
+    def p_sample_loop(self, model, shape, clip=False, generator=None, device="cpu", callback=None, xt=None, t=None):
         """Algorithm 2: x_T ~ N(0, I), then t = T, ..., 1; returns x_0.
 
         generator: a torch.Generator on `device`, for reproducible samples.
         callback(t, x_t, x0_hat) is called after each step (x_t is x_{t-1}'s input),
-        to record the reverse process for figures.
+        to record the reverse process for figures. xt, t: start from this x_t at step t
+        instead (the shared latents and interpolations of Sec. 4.3-4.4).
         """
-        x = torch.randn(shape, generator=generator, device=device)
-        for t in range(self.T, 0, -1):
+        x = torch.randn(shape, generator=generator, device=device) if xt is None else xt
+        for t in range(self.T if t is None else t, 0, -1):
             x_prev, x0_hat = self.p_sample_step(model, x, t, clip, generator)
             if callback is not None:
                 callback(t, x, x0_hat)
@@ -272,7 +275,11 @@ class Diffusion:
         t > 1: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (Eq. 8, exact).
         t = 1: L_0 = -log p_theta(x_0 | x_1), the discretised decoder of Eq. 13.
         """
-        mean, log_var, _ = self.p_mean_var(model, xt, t, clip)
+        return self._vb_term(model, x0, xt, t, levels, clip)[0]
+
+    def _vb_term(self, model, x0, xt, t, levels, clip):
+        """vb_term_bpd and the x0_hat it used."""
+        mean, log_var, x0_hat = self.p_mean_var(model, xt, t, clip)
         if isinstance(t, int) and t == 1:
             nats = -discretized_gaussian_log_likelihood(x0, mean, log_var, levels)
         else:
@@ -282,7 +289,7 @@ class Diffusion:
             if first is not None and first.any():  # the decoder, only where t = 1 (no NaN gradients)
                 nats = nats.index_put((first,), -discretized_gaussian_log_likelihood(
                     x0[first], mean[first], log_var[first], levels))
-        return nats.flatten(1).mean(1) / LOG2
+        return nats.flatten(1).mean(1) / LOG2, x0_hat
 
     @torch.no_grad()
     def bound_bpd(self, model, x0, levels=256, clip=False, generator=None, progress=None):
@@ -291,14 +298,30 @@ class Diffusion:
         Evaluates all T terms (none skipped), each at one x_t ~ q(x_t | x_0), so
         the total is an unbiased estimate of the bound for each example.
         Returns a dict: "total" [B], "prior" (L_T) [B], "terms" [B, T] where
-        terms[:, t-1] is L_{t-1} (terms[:, 0] is the decoder L_0).
+        terms[:, t-1] is L_{t-1} (terms[:, 0] is the decoder L_0), and "mse" [B, T], the mean
+        squared error of the x0_hat(x_t) that term used (clipped iff clip), for Sec. 4.3's distortion.
         progress: optional callable wrapping the range of t (e.g. tqdm).
         """
         steps = range(self.T, 0, -1)
         terms = torch.zeros(x0.shape[0], self.T, dtype=x0.dtype, device=x0.device)
+        mse = torch.zeros_like(terms)
         for t in (progress(steps) if progress else steps):
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             xt = self.q_sample(x0, t, noise)
-            terms[:, t - 1] = self.vb_term_bpd(model, x0, xt, t, levels, clip)
+            terms[:, t - 1], x0_hat = self._vb_term(model, x0, xt, t, levels, clip)
+            mse[:, t - 1] = (x0_hat - x0).pow(2).flatten(1).mean(1)
         prior = self.prior_bpd(x0)
-        return {"total": prior + terms.sum(1), "prior": prior, "terms": terms}
+        return {"total": prior + terms.sum(1), "prior": prior, "terms": terms, "mse": mse}
+
+
+def rate_distortion(terms, prior, mse, scale):
+    """Sec. 4.3, Table 4: the bound read as progressive coding, from one evaluation of it.
+
+    Rate at t: the bits/dim received once x_t is known, L_T + sum_{s=t}^{T-1} L_s (L_0 is never
+    rate). Distortion at t: the RMSE of x0_hat(x_t) (Eq. 15), on the data's scale (127.5 for
+    [0, 255]), as the root of the mean squared error over all images and dimensions.
+    terms, mse [B, T] and prior [B] from bound_bpd -> (rate [T], distortion [T]), index t - 1.
+    """
+    tail = terms.flip(1).cumsum(1).flip(1)  # tail[:, j] = sum of terms[:, j:]
+    rate = prior[:, None] + torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], 1)
+    return rate.mean(0), scale * mse.mean(0).sqrt()

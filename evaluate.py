@@ -1,17 +1,23 @@
-"""Evaluate a DDPM checkpoint: the paper's numbers (Table 1) for your model.
+"""Evaluate a DDPM: the paper's numbers (Table 1) and its Sec. 4.3 measurements, for your model or the authors'.
 
     python evaluate.py                              # the latest run, on its dataset's held-out test split
     python evaluate.py --n-test 50 --n-samples 0    # a quick look: the bound on 50 test images only
     python evaluate.py --samples samples.npz        # judge samples written by sample.py instead
+    python evaluate.py --pretrained ddpm-cifar10-32 # Table 1's NLL for the authors' CIFAR-10 weights (GPU)
 
 NLL: the bound of Eq. 5, L = L_T + sum_{t>1} L_{t-1} + L_0 in bits/dim, all T terms evaluated (one x_t
 per t and image), averaged over test images; the decoder L_0 uses the data's grey levels (17 for digits).
+As the authors' evaluation: x0_hat clipped to [-1, 1] inside every term's mean (--no-clip: unclipped).
+Rate and distortion (Sec. 4.3, Table 4, Fig. 5) come from the same evaluation of the bound.
 Sample quality, grey labelled data (digits, mnist): the Frechet distance between samples and test images
 in the features of a small classifier trained here on the training split, with train-vs-test as the
-floor a perfect model reaches. It is FID's formula, NOT the Inception FID: not comparable with published
-FIDs. RGB data (cifar10, folders): FID and IS by torch-fidelity (pip install torch-fidelity; it downloads
-Inception weights once) of --samples against the training split, as in Table 1.
-Writes results.json and bound_terms.png to the run directory (or --out).
+floor a perfect model reaches, and the fraction of samples it classifies with probability > 0.9; the
+same for x0_hat along the reverse process (Fig. 10); nearest training images (Figs. 12, 15). It is FID's
+formula, NOT the Inception FID: not comparable with published FIDs. RGB data (cifar10, folders): FID and
+IS by torch-fidelity (pip install torch-fidelity; it downloads Inception weights once) of --samples
+against the training split, as in Table 1.
+Writes results.json, bound_terms.png and rate_distortion.png (and x0_quality.png, nearest.png) to the run
+directory (or --out).
 """
 import argparse
 import json
@@ -27,7 +33,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import figures
+import unet
 from common import UsageError
+from ddpm import rate_distortion
 
 
 def count(text):
@@ -39,14 +48,18 @@ def count(text):
 
 def parse_args(argv=None):
     p = common.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a run directory or ckpt.pt (default: the latest under runs/)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a run directory or ckpt.pt (default: the latest under runs/)")
+    source.add_argument("--pretrained", help="the authors' weights, diffusers format (.safetensors, .bin, folder)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA (the paper used EMA)")
-    p.add_argument("--dataset", help="evaluate on this dataset instead of the checkpoint's")
+    p.add_argument("--dataset", help="evaluate on this dataset instead of the checkpoint's (pretrained 3x32x32: "
+                   "cifar10); a folder's test split is its test/ subfolder")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     p.add_argument("--n-test", type=count, help="a fixed seeded subset of N test images (default all; 0: no bound)")
     p.add_argument("--batch-size", type=common.positive(), default=256, help="images per network call (default 256)")
     p.add_argument("--sigma", choices=["beta", "beta_tilde"], help="sigma_t^2 (default: the checkpoint's)")
-    p.add_argument("--clip", action="store_true", help="clip x0_hat to [-1, 1] in the bound's means (default off)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip x0_hat to [-1, 1] "
+                   "in the bound's means, as the authors' evaluation (default on)")
     p.add_argument("--n-samples", type=count, default=1000, help="samples to generate for the Frechet distance "
                    "(Algorithm 2 with clipping; default 1000; 0: no sample quality)")
     p.add_argument("--samples", help="instead: sample.py's folder, an .npz (arr_0: uint8 NHWC) or PNGs folder")
@@ -68,36 +81,24 @@ def ticking(bar):
 
 
 def bound(model, diffusion, x0, levels, batch_size, clip=False, generator=None, bar=None):
-    """bound_bpd over x0 [N, C, H, W] in batches: dict of total [N], prior [N], terms [N, T] (CPU float64)."""
+    """bound_bpd over x0 [N, C, H, W] in batches: total [N], prior [N], terms and mse [N, T] (CPU float64)."""
     parts = [diffusion.bound_bpd(model, b, levels, clip, generator, ticking(bar) if bar else None)
              for b in x0.split(batch_size)]
-    b = {k: torch.cat([p[k].double().cpu() for p in parts]) for k in ("prior", "terms")}
+    b = {k: torch.cat([p[k].double().cpu() for p in parts]) for k in ("prior", "terms", "mse")}
     b["total"] = b["prior"] + b["terms"].sum(1)  # in float64, so that the parts add up to it exactly
     return b
 
 
-def summarize(b):
-    """Means over images of the bound and its parts (bits/dim), with the standard error of the total."""
+def summarize(b, levels):
+    """Means over images of the bound and its parts (bits/dim), with the standard error of the total; and the
+    rate and distortion at every t (Sec. 4.3; RMSE on the data's integer scale: 0..255, or 0..16 for digits)."""
     n, total = len(b["total"]), b["total"]
+    rate, distortion = rate_distortion(b["terms"], b["prior"], b["mse"], scale=(levels - 1) / 2)
     return dict(n_images=n, total_bpd=total.mean().item(),
                 total_bpd_se=(total.std() / math.sqrt(n)).item() if n > 1 else None,
                 L_T=b["prior"].mean().item(), sum_L_t_minus_1=b["terms"][:, 1:].sum(1).mean().item(),
-                L_0=b["terms"][:, 0].mean().item(), terms_bpd=b["terms"].mean(0).tolist())
-
-
-def plot_terms(terms, prior, path, title):
-    """L_{t-1} against t, log scale: which steps the bits are spent on (Secs. 3.4, 4.3); t = 1 is L_0."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(terms) + 1), terms, lw=1, label="$L_{t-1}$ ($t = 1$: decoder $L_0$)")
-    ax.axhline(prior, color="grey", ls=":", label=f"$L_T$ = {prior:.2g}")
-    ax.set(xlabel="t", ylabel="bits/dim", yscale="log", title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    common.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), "wb")
-    plt.close(fig)
+                L_0=b["terms"][:, 0].mean().item(), terms_bpd=b["terms"].mean(0).tolist(),
+                rate_bpd=rate.tolist(), distortion_rmse=distortion.tolist())
 
 
 # ---- sample quality ---------------------------------------------------------------------------
@@ -197,21 +198,45 @@ def dims(shape):
     return "x".join(map(str, shape))
 
 
+def load_weights(args):
+    """(network, Diffusion, step, the directory results go to): a train.py run, or the authors' weights
+    with their settings (T = 1000, sigma^2 = beta; the decoder's log beta~_2 is ddpm.py's for both)."""
+    if not args.pretrained:
+        path = args.checkpoint or common.latest_checkpoint()
+        model, diffusion, ckpt = common.load_run(path, ema=not args.no_ema, sigma=args.sigma)
+        return model, diffusion, ckpt, path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if args.no_ema:
+        raise UsageError("--no-ema needs a checkpoint from train.py (a weights file holds one set of weights)")
+    try:
+        model = unet.load_pretrained(args.pretrained)
+    except Exception as e:  # missing, corrupt, or another architecture
+        raise UsageError(f"cannot load --pretrained {args.pretrained}: {common.first_line(e, 300)}") from None
+    where = args.pretrained if os.path.isdir(args.pretrained) else os.path.dirname(args.pretrained) or "."
+    if not args.dataset and (model.in_channels, model.image_size) != (3, 32):
+        raise UsageError(f"{args.pretrained} is a {dims((3, model.image_size, model.image_size))} model: pass "
+                         f"--dataset (a folder with a test/ subfolder of its images)")
+    ckpt = dict(config=dict(dataset=args.dataset or "cifar10", T=model.T), model_config=model.config)
+    return model, common.make_diffusion(ckpt["config"], args.sigma or "beta"), ckpt, where
+
+
 def setup(args):
     """Everything checked before any expensive work: the weights, the data, the samples, the outputs."""
-    path = args.checkpoint or common.latest_checkpoint()
-    model, diffusion, ckpt = common.load_run(path, ema=not args.no_ema, sigma=args.sigma)
+    model, diffusion, ckpt, where = load_weights(args)
     cfg, mc = ckpt["config"], model.config
     name = args.dataset or cfg["dataset"]
+    if args.pretrained and not common.has_split(name, "test"):
+        raise UsageError(f"{name} has no test split (a test/ subfolder): Table 1 is measured on held-out images")
     size = cfg.get("image_size") or (mc["image_size"] if os.path.isdir(name) else None)  # as it was trained
     test, labels, levels = common.load_dataset(name, "test", size, args.data_root)
     shape = (mc["in_channels"], mc["image_size"], mc["image_size"])
     if tuple(test.shape[1:]) != shape:
-        raise UsageError(f"the checkpoint {path} is for {dims(shape)} images, but {name} has {dims(test.shape[1:])}")
-    e = SimpleNamespace(path=path, step=ckpt.get("step"), model=model, diffusion=diffusion, name=name, test=test,
-                        labels=labels, levels=levels, by_classifier=labels is not None and shape[0] == 1,
+        raise UsageError(f"{args.pretrained or args.checkpoint or 'the checkpoint'} is for {dims(shape)} images, "
+                         f"but {name} has {dims(test.shape[1:])}")
+    e = SimpleNamespace(path=args.pretrained or where, step=ckpt.get("step"), model=model, diffusion=diffusion,
+                        name=name, test=test, labels=labels, levels=levels, seed=args.seed,
+                        by_classifier=labels is not None and shape[0] == 1,
                         samples=load_samples(args.samples, shape) if args.samples else None)
-    e.quality, e.seed = e.samples is not None or (args.n_samples > 0 and e.by_classifier), args.seed
+    e.quality = e.samples is not None or (args.n_samples > 0 and e.by_classifier)
     if e.quality and e.samples is None and args.n_samples < 2:
         raise UsageError("--n-samples 1: a Frechet distance needs at least 2 samples (1,000 or more is good)")
     e.train, e.train_labels, _ = common.load_dataset(name, "train", size, args.data_root) if e.quality else (None,) * 3
@@ -223,70 +248,99 @@ def setup(args):
     e.n_test = len(test) if args.n_test is None else args.n_test
     if e.n_test > len(test):
         raise UsageError(f"--n-test {e.n_test} is more than the {len(test)} test images of {name}")
-    e.out = common.check_writable(args.out or (path if os.path.isdir(path) else os.path.dirname(path) or "."))
-    e.json, e.plot = os.path.join(e.out, "results.json"), os.path.join(e.out, "bound_terms.png")
-    for f in [e.json, e.plot][:2 if e.n_test else 1]:
+    e.out = common.check_writable(args.out or where)
+    e.files = {k: os.path.join(e.out, f) for k, f in [("json", "results.json"), ("terms", "bound_terms.png"),
+               ("rd", "rate_distortion.png"), ("x0", "x0_quality.png"), ("nearest", "nearest.png")]}
+    for f in [e.files["json"], *([e.files["terms"], e.files["rd"]] if e.n_test else [])]:
         if os.path.exists(f) and not args.force:
             raise UsageError(f"{f} exists: pass --force to overwrite it, or choose another --out")
     return e
 
 
 def evaluate_bound(e, args, device):
-    """Table 1's NLL: the bound on a fixed seeded subset of the test split (in the split's order)."""
-    start, weights = time.time(), "raw" if args.no_ema else "EMA"
+    """Table 1's NLL and Table 4's rate and distortion: the bound on a fixed seeded subset of the test split."""
+    start, weights = time.time(), "pretrained" if args.pretrained else "raw" if args.no_ema else "EMA"
+    T = e.diffusion.T
+    print(f"the bound costs {e.n_test:,} images x T = {T:,} steps = {e.n_test * T:,} image-steps of the network "
+          f"({-(-e.n_test // args.batch_size) * T:,} calls of up to {args.batch_size} images)")
     idx = torch.randperm(len(e.test), generator=torch.Generator().manual_seed(args.seed))[:e.n_test].sort().values
     g = torch.Generator(device).manual_seed(args.seed)
-    with tqdm(total=-(-e.n_test // args.batch_size) * e.diffusion.T, desc="bound", unit="step") as bar:
+    with tqdm(total=-(-e.n_test // args.batch_size) * T, desc="bound", unit="step") as bar:
         b = bound(e.model, e.diffusion, common.to_model_range(e.test[idx], e.levels).to(device), e.levels,
                   args.batch_size, args.clip, g, bar)
-    split = "test" if e.name in common.DATASETS else "all (a folder has no test split)"
-    s = dict(split=split, n_test_split=len(e.test), **summarize(b), seconds=round(time.time() - start, 1))
+    split = "test" if common.has_split(e.name, "test") else "all (this folder has no test/ split)"
+    s = dict(split=split, n_test_split=len(e.test), **summarize(b, e.levels), seconds=round(time.time() - start, 1))
     se = f" ± {s['total_bpd_se']:.4f} (s.e.)" if s["total_bpd_se"] is not None else ""
-    print(f"NLL bound (Eq. 5) on {e.n_test} of {len(e.test)} test images of {e.name}: T={e.diffusion.T}, {weights} "
-          f"weights, sigma^2={e.diffusion.sigma}, {'clipped' if args.clip else 'no clipping'}, {e.levels} levels\n"
+    print(f"NLL bound (Eq. 5) on {e.n_test} of {len(e.test)} {split} images of {e.name}: T={T}, {weights} weights, "
+          f"sigma^2={e.diffusion.sigma}, {'clipped' if args.clip else 'no clipping'}, {e.levels} levels\n"
           f"  total {s['total_bpd']:.4f}{se} bits/dim = L_T {s['L_T']:.2e} + sum L_t-1 (t>1) "
           f"{s['sum_L_t_minus_1']:.4f} + L_0 {s['L_0']:.4f}")
-    plot_terms(s["terms_bpd"], s["L_T"], e.plot, f"{e.name}: L = {s['total_bpd']:.3f} bits/dim")
+    unit = f"[0, {e.levels - 1}]"
+    print(f"rate and distortion (Sec. 4.3, Table 4): reverse time T-t+1, rate (bits/dim), RMSE on {unit}")
+    for r in figures.table4_rows(T):
+        print(f"  {r:6d}  {s['rate_bpd'][T - r]:.5f}  {s['distortion_rmse'][T - r]:.5f}")
+    figures.plot_terms(s["terms_bpd"], s["L_T"], e.files["terms"], f"{e.name}: L = {s['total_bpd']:.3f} bits/dim")
+    figures.rate_distortion_plot(s["rate_bpd"], s["distortion_rmse"], unit, e.files["rd"],
+                                 f"{e.name}: rate and distortion along the reverse process (Fig. 5)")
     return s
 
 
 def evaluate_quality(e, args, device):
-    """Sample quality: a classifier's Frechet distance and confident fraction (grey labelled data), else FID/IS."""
-    t0 = time.time()
+    """Sample quality: a classifier's numbers (grey labelled data) with Figs. 10, 12 and 15; else FID/IS."""
+    t0, steps = time.time(), {}
+    every = max(1, e.diffusion.T // 20)  # Fig. 10: x0_hat at 20 points of one sampling run (and t = 1)
+
+    def record(t, x_t, x0_hat):
+        if (e.diffusion.T - t) % every == 0 or t == 1:  # keyed by the reverse steps taken to reach x_t
+            steps[e.diffusion.T - t] = x0_hat.cpu()
     if e.samples is None:  # the authors' sampler, with the weights evaluated above
-        x = common.generate(e.model, e.diffusion, args.n_samples, args.batch_size, args.seed + 1, device, clip=True)
+        x = common.generate(e.model, e.diffusion, args.n_samples, args.batch_size, args.seed + 1, device, clip=True,
+                            callback=record if e.by_classifier else None)
         source = f"generated: Algorithm 2 with clipping, {'raw' if args.no_ema else 'EMA'} weights"
     else:
         x, source = common.to_model_range(e.samples, 256), args.samples
     q = dict(samples=source, n_samples=len(x), sampling_seconds=round(time.time() - t0, 1))
-    if e.by_classifier:
-        q.update(classifier_metrics(e, x))
-        print(f"Frechet distance in the features of a classifier trained here (test accuracy "
-              f"{q['classifier_test_accuracy']:.1%}; NOT the Inception FID): {len(x)} samples vs {len(e.test)} test "
-              f"images {q['frechet_distance']:.3f}, floor (train vs test) {q['floor_train_vs_test']:.3f}; "
-              f"confidently classified (p > 0.9): samples {q['confident']:.1%}, test images {q['confident_test']:.1%}")
-    else:
+    if not e.by_classifier:
         q.update(metric="torch-fidelity FID and IS (Inception-v3), against the training split",
                  **inception_metrics(e.samples, e.train, device))
         print(f"{len(x)} samples vs the {len(e.train)} training images: FID {q['fid']:.2f}, "
               f"IS {q['inception_score']:.2f} ± {q['inception_score_std']:.2f}")
-    q["seconds"] = round(time.time() - t0, 1)
-    return q
+        return dict(q, seconds=round(time.time() - t0, 1))
+    measure = digit_metrics(e)
+    q.update(measure(x), metric="Frechet distance in digit-classifier features (not Inception FID)")
+    print(f"Frechet distance in the features of a classifier trained here (test accuracy "
+          f"{q['classifier_test_accuracy']:.1%}; NOT the Inception FID): {len(x)} samples vs {len(e.test)} test "
+          f"images {q['frechet_distance']:.3f}, floor (train vs test) {q['floor_train_vs_test']:.3f}; "
+          f"confidently classified (p > 0.9): samples {q['confident']:.1%}, test images {q['confident_test']:.1%}")
+    train, test = (common.to_model_range(v, e.levels) for v in (e.train, e.test))
+    q["memorisation"] = figures.memorisation(quantize(x, e.levels), train, test)
+    print(f"median distance to the nearest training image: samples / test images = "
+          f"{q['memorisation']['ratio']:.2f} (well below 1 would mean copying)")
+    common.save_image(figures.nearest_figure(quantize(x, e.levels), train), e.files["nearest"])
+    if steps:
+        q["x0_hat_quality"] = [dict(reverse_steps=r, **{k: measure(v)[k] for k in ("frechet_distance", "confident")})
+                               for r, v in sorted(steps.items())]
+        figures.progressive_plot(q["x0_hat_quality"], e.files["x0"], f"{e.name}: x̂₀ along the reverse process "
+                                 f"(Fig. 10), {len(steps[min(steps)])} samples")
+    return dict(q, seconds=round(time.time() - t0, 1))
 
 
-def classifier_metrics(e, x):
-    """The digit classifier's numbers for samples x in [-1, 1]: Frechet distance, its floor, confident fraction."""
-    t1 = time.time()
+def digit_metrics(e):
+    """measure(x): a classifier's numbers for samples x in [-1, 1] (trained once, here): Frechet distance,
+    its floor, the confident fraction of samples and of test images, the classifier's test accuracy."""
     x_tr, x_te = common.to_model_range(e.train, e.levels), common.to_model_range(e.test, e.levels)
     features, head = train_classifier(x_tr, e.train_labels, e.seed)
     with torch.no_grad():
-        accuracy = (head(features(x_te)).argmax(1) == e.labels).float().mean().item()
+        base = dict(floor_train_vs_test=frechet_distance(features(x_tr).numpy(), f_te := features(x_te).numpy()),
+                    confident_test=confident(head, features, x_te),
+                    classifier_test_accuracy=(head(features(x_te)).argmax(1) == e.labels).float().mean().item())
+
+    @torch.no_grad()
+    def measure(x):
         x = quantize(x, e.levels)
-        f_gen, f_tr, f_te = (features(v).numpy() for v in (x, x_tr, x_te))
-        return dict(metric="Frechet distance in digit-classifier features (not Inception FID)",
-                    frechet_distance=frechet_distance(f_gen, f_te), floor_train_vs_test=frechet_distance(f_tr, f_te),
-                    confident=confident(head, features, x), confident_test=confident(head, features, x_te),
-                    classifier_test_accuracy=accuracy, classifier_seconds=round(time.time() - t1, 1))
+        return dict(base, frechet_distance=frechet_distance(features(x).numpy(), f_te),
+                    confident=confident(head, features, x))
+    return measure
 
 
 def main(argv=None):
@@ -295,19 +349,20 @@ def main(argv=None):
     device = common.pick_device(args.device)
     e.model.to(device)
     results = dict(checkpoint=e.path, step=e.step, dataset=e.name, T=e.diffusion.T, levels=e.levels,
-                   ema=not args.no_ema, predict=e.diffusion.predict, sigma=e.diffusion.sigma, clip=args.clip,
-                   seed=args.seed, device=str(device))
+                   ema=not args.no_ema and not args.pretrained, predict=e.diffusion.predict,
+                   sigma=e.diffusion.sigma, clip=args.clip, seed=args.seed, device=str(device))
     os.makedirs(e.out, exist_ok=True)
     start = time.time()
     if e.n_test:
         results["bound"] = evaluate_bound(e, args, device)
-        write_results(results, start, e.json)  # kept even if what follows fails
+        write_results(results, start, e.files["json"])  # kept even if what follows fails
     if e.quality:
         results["quality"] = evaluate_quality(e, args, device)
     elif not e.by_classifier and args.n_samples:
         print(f"sample quality of {e.name}: pass --samples DIR written by sample.py (FID/IS by torch-fidelity)")
-    write_results(results, start, e.json)
-    print(f"wrote {e.json}" + (f" and {e.plot}" if e.n_test else ""))
+    write_results(results, start, e.files["json"])
+    print(f"wrote {e.out}/: results.json" + (", bound_terms.png, rate_distortion.png" if e.n_test else "")
+          + (", nearest.png, x0_quality.png" if e.quality and e.by_classifier else ""))
 
 
 def write_results(results, start, path):

@@ -1,12 +1,14 @@
 """Sample from a trained DDPM (Algorithm 2), and draw the reverse process the way the paper does.
 
     python sample.py               # 64 images from the latest `python train.py` run (EMA weights)
-    python sample.py --figures     # also reverse.png (as the paper's Fig. 6), forward.png, denoising.gif
+    python sample.py --figures     # also the paper's figures of the reverse process (Figs. 6-9), see below
     python sample.py --pretrained ddpm-cifar10-32/diffusion_pytorch_model.safetensors   # the authors' weights
 
 Writes <run>/samples/ (or a fresh samples-2, samples-3, ...): grid.png (the first 64, enlarged),
 images/000000.png, ... (one PNG per image, actual size) and samples.npz (key arr_0: uint8 [N, H, W, C],
-C = 1 for grey images), the inputs FID tools read.
+C = 1 for grey images), the inputs FID tools read. --figures adds reverse.png (Fig. 6: x_t and x0_hat over
+t), forward.png, denoising.gif, shared_latent.png (Fig. 7), interpolation.png (Fig. 8: held-out pairs mixed
+at t = T/2) and coarse_to_fine.png (Fig. 9: one pair mixed after 0, T/8, ..., T steps).
 """
 import argparse
 import glob
@@ -16,14 +18,13 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import common
+import figures
 from common import UsageError
 import unet
 
-STRIP, GIF_SAMPLES = 4, 16  # samples shown in reverse.png / forward.png, and in denoising.gif
-FIGURE_SIZE = 384  # the figures' minimum size (pixels)
+STRIP, GIF, PAIRS = figures.STRIP, figures.GIF_SAMPLES, 3  # samples in reverse.png, denoising.gif; pairs in Fig. 8
 
 
 def parse_args(argv=None):
@@ -78,43 +79,6 @@ def output_dir(args, run_dir):
     return common.check_writable(out)
 
 
-# ---- figures ------------------------------------------------------------------------------------------
-def timesteps(T):
-    """The figures' columns: t = T, 3T/4, T/2, T/4, T/10, 1 (the paper's Fig. 6 style); fewer if T is small."""
-    return sorted({T, round(3 * T / 4), round(T / 2), round(T / 4), round(T / 10), 1} - {0}, reverse=True)
-
-
-def reverse_figure(recorded, x0, ts):
-    """Per sample, a row of x_t and a row of the predicted x0_hat (Eq. 15) at t = T..1, then the final x_0."""
-    tiles = []
-    for i in range(len(x0)):
-        for k in (0, 1):  # 0: x_t, 1: x0_hat
-            tiles += [*(recorded[t][k][i] for t in ts), x0[i]]
-    im = common.grid_image(torch.stack(tiles), nrow=len(ts) + 1, min_size=FIGURE_SIZE)
-    return common.labelled(im, [f"t={t}" for t in ts] + ["x_0"], ["x_t", "x0_hat"] * len(x0))
-
-
-def forward_figure(diffusion, x0, ts, seed):
-    """The forward process: Eq. 2 iterated from x_0, one trajectory per image, shown at t = 1..T."""
-    gen, x, kept = torch.Generator().manual_seed(seed), x0, {}
-    for t in range(1, diffusion.T + 1):
-        x = diffusion.q_step_sample(x, t, torch.randn(x.shape, generator=gen))
-        if t in ts:
-            kept[t] = x
-    columns = [x0, *(kept[t] for t in reversed(ts))]
-    im = common.grid_image(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns), min_size=FIGURE_SIZE)
-    return common.labelled(im, ["x_0"] + [f"t={t}" for t in reversed(ts)])
-
-
-def gif_frame(x_t, x0_hat, title):
-    """x_t and x0_hat side by side, each as a grid."""
-    a, b = (common.grid_image(v, nrow=4) for v in (x_t, x0_hat))
-    both = Image.new(a.mode, (2 * a.width + 8, a.height), "white")
-    both.paste(a, (0, 0))
-    both.paste(b, (a.width + 8, 0))
-    return common.labelled(both, [title, "predicted x_0"])
-
-
 def write_samples(x, out):
     """grid.png, images/NNNNNN.png and samples.npz (arr_0: uint8 [N, H, W, C]), each written atomically."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -133,35 +97,51 @@ class Figures:
     """What --figures records while sampling (a callback for common.generate), and the files it writes."""
 
     def __init__(self, diffusion, data, seed):
-        self.diffusion, self.data, self.seed = diffusion, data, seed
-        self.ts, self.every = timesteps(diffusion.T), max(1, diffusion.T // 50)
+        self.diffusion, (self.data, self.pairs), self.seed = diffusion, data, seed
+        self.ts, self.every = figures.timesteps(diffusion.T), max(1, diffusion.T // 50)
         self.recorded, self.frames = {}, []
 
     def __call__(self, t, x_t, x0_hat):  # copies to the host at ~60 of the T steps
         if t in self.ts:
             self.recorded[t] = (x_t[:STRIP].cpu(), x0_hat[:STRIP].cpu())
         if (self.diffusion.T - t) % self.every == 0 or t == 1:
-            self.frames.append(gif_frame(x_t[:GIF_SAMPLES], x0_hat[:GIF_SAMPLES], f"x_t, t={t}"))
+            self.frames.append(figures.gif_frame(x_t[:GIF], x0_hat[:GIF], f"x_t, t={t}"))
 
-    def write(self, x, out):
-        common.save_image(reverse_figure(self.recorded, x[:STRIP], self.ts), os.path.join(out, "reverse.png"))
+    def write(self, x, out, model, clip, device):
+        """The reverse process (Fig. 6), forward process, GIF; shared latents (Fig. 7), interpolations (Figs. 8, 9)."""
+        d, save = self.diffusion, lambda im, name: common.save_image(im, os.path.join(out, name))
+        save(figures.reverse_figure(self.recorded, x[:STRIP], self.ts), "reverse.png")
         # Without training data (pretrained weights), the forward process starts from our own samples.
         x0 = self.data if self.data is not None else x[:STRIP]
-        common.save_image(forward_figure(self.diffusion, x0, self.ts, self.seed), os.path.join(out, "forward.png"))
-        frames = [*self.frames, gif_frame(x[:GIF_SAMPLES], x[:GIF_SAMPLES], "x_0")]
+        save(figures.forward_figure(d, x0, self.ts, self.seed), "forward.png")
+        frames = [*self.frames, figures.gif_frame(x[:GIF], x[:GIF], "x_0")]
         common.write_atomic(os.path.join(out, "denoising.gif"), lambda f: frames[0].save(
             f, format="GIF", save_all=True, append_images=frames[1:], loop=0,
             duration=[60] * (len(frames) - 1) + [2000]), "wb")  # hold the result for 2 s
-        return ["reverse.png", "forward.png", "denoising.gif"]
+        shape = (model.in_channels, model.image_size, model.image_size)
+        save(figures.shared_latent_figure(figures.shared_latents(model, d, shape, self.seed, clip, device=device)),
+             "shared_latent.png")
+        own = x[:2 * PAIRS] if len(x) > 1 else x.repeat(2, 1, 1, 1)  # no held-out data: our own samples
+        a, b = (self.pairs if self.pairs is not None else own[:len(own) // 2 * 2].reshape(2, -1, *shape)).to(device)
+        save(figures.interpolation_figure(a, b, figures.interpolate(model, d, a, b, d.T // 2, self.seed, clip)),
+             "interpolation.png")
+        save(figures.coarse_to_fine_figure(a, b, *figures.coarse_to_fine(model, d, a, b, self.seed, clip)),
+             "coarse_to_fine.png")
+        return ["reverse.png", "forward.png", "denoising.gif", "shared_latent.png", "interpolation.png",
+                "coarse_to_fine.png"]
 
 
 def figure_data(args, config):
-    """STRIP training images for forward.png, read BEFORE sampling: a download error should not waste a run."""
+    """STRIP training images for forward.png and PAIRS pairs of held-out images to interpolate, read BEFORE
+    sampling: a download error should not waste a run. (None, None) for pretrained weights: own samples then."""
     if not args.figures or config is None:
-        return None
+        return None, None
     images, _, levels = common.load_dataset(config["dataset"], "train", config.get("image_size"), args.data_root)
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:STRIP]
-    return common.to_model_range(images[pick], levels)
+    test = common.load_dataset(config["dataset"], "test", config.get("image_size"), args.data_root)[0]
+    pairs = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed + 1))[:2 * PAIRS]
+    return (common.to_model_range(images[pick], levels),
+            common.to_model_range(test[pairs], levels).reshape(2, PAIRS, *test.shape[1:]))
 
 
 def main(argv=None):
@@ -169,12 +149,12 @@ def main(argv=None):
     device = common.pick_device(args.device)
     model, diffusion, config, run_dir = load(args)
     out = output_dir(args, run_dir)
-    figures = Figures(diffusion, figure_data(args, config), args.seed) if args.figures else None
+    figs = Figures(diffusion, figure_data(args, config), args.seed) if args.figures else None
     batch_size = args.batch_size or (64 if model.image_size <= 64 else 4)  # 256x256 activations are large
     start = time.time()
-    x = common.generate(model.to(device), diffusion, args.n, batch_size, args.seed, device, args.clip, figures)
+    x = common.generate(model.to(device), diffusion, args.n, batch_size, args.seed, device, args.clip, figs)
     seconds = time.time() - start
-    written = write_samples(x, out) + (figures.write(x, out) if figures else [])
+    written = write_samples(x, out) + (figs.write(x, out, model, args.clip, device) if figs else [])
     weights = "pretrained" if args.pretrained else "raw" if args.no_ema else "EMA"
     print(f"{args.n} images in {seconds:.1f} s ({weights} weights, T={diffusion.T}, sigma^2={diffusion.sigma}, "
           f"clip {'on' if args.clip else 'off'}, seed {args.seed}, {device}); wrote {out}/: {', '.join(written)}")

@@ -18,7 +18,7 @@ from scipy import stats
 import common
 from ddpm import Diffusion
 import evaluate
-from conftest import HERE, TINY, run_program
+from conftest import HERE, TINY, run_program, tiny_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 import train
@@ -62,7 +62,7 @@ def test_parts_of_the_bound_add_up_to_the_total(tiny):
     with torch.no_grad():  # the same numbers as ddpm.py's own total, one batch at a time
         direct = diffusion.bound_bpd(model, x0[:3], 17, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(b["total"][:3], direct["total"].double(), rtol=1e-6)
-    s = evaluate.summarize(b)
+    s = evaluate.summarize(b, 17)
     assert math.isclose(s["total_bpd"], s["L_T"] + s["sum_L_t_minus_1"] + s["L_0"], rel_tol=1e-12)
     assert math.isclose(s["L_0"] + s["sum_L_t_minus_1"], sum(s["terms_bpd"]), rel_tol=1e-12)
     assert math.isclose(s["total_bpd_se"], b["total"].std().item() / math.sqrt(8), rel_tol=1e-12)
@@ -171,6 +171,13 @@ def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
     assert math.isclose(b["total_bpd"], b["L_T"] + b["sum_L_t_minus_1"] + b["L_0"], rel_tol=1e-9)
     assert b["total_bpd_se"] > 0 and q["n_samples"] == 16 and q["frechet_distance"] > q["floor_train_vs_test"] > 0
     assert q["classifier_test_accuracy"] > 0.9 and 0 <= q["confident"] <= 1 and q["confident_test"] > 0.8
+    assert len(b["rate_bpd"]) == len(b["distortion_rmse"]) == 20  # Sec. 4.3, at every t
+    assert b["rate_bpd"][0] + b["L_0"] == pytest.approx(b["total_bpd"], rel=1e-9)
+    assert 0 < b["distortion_rmse"][0] < b["distortion_rmse"][-1] <= 16  # RMSE on the digits' 0..16 scale
+    assert [p["reverse_steps"] for p in q["x0_hat_quality"]] == list(range(20))  # Fig. 10: T // 20 = 1
+    assert q["memorisation"]["ratio"] > 0 and q["memorisation"]["median_test_to_train"] > 0
+    for f in ("rate_distortion.png", "x0_quality.png", "nearest.png"):
+        assert os.path.getsize(os.path.join("o", f)) > 1000, f
     with Image.open("o/bound_terms.png") as im:
         assert im.size[0] > 300
     assert "NOT the Inception FID" in capsys.readouterr().out
@@ -199,6 +206,53 @@ def test_a_failure_after_the_bound_keeps_the_bound(ckpt_path, monkeypatch):
     with pytest.raises(RuntimeError):
         run("--checkpoint", ckpt_path, "--out", "o", *FAST)
     assert json.load(open("o/results.json"))["bound"]["n_images"] == 16
+
+
+def rgb_folder(path, n, size=8):
+    """A tiny folder of RGB images with train/ and test/ splits."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        os.makedirs(os.path.join(path, split))
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(f"{path}/{split}/{i}.png")
+
+
+@pytest.mark.slow
+def test_pretrained_bound_equals_the_same_network_through_a_checkpoint(capsys):
+    """The authors' weights (a tiny diffusers port here) on a folder's test split: the bound is the bound of
+    the same network saved as train.py saves its runs (t_offset = 1 travels in model_config)."""
+    pytest.importorskip("diffusers")
+    port, flags = tiny_port("port", 8), ["--n-test", "4", "--n-samples", "0", "--batch-size", "4", "--device", "cpu"]
+    rgb_folder("imgs", 4)
+    assert run("--pretrained", port, "--dataset", "imgs", *flags) == 0
+    assert "images x T = 1,000 steps = 4,000 image-steps" in capsys.readouterr().out  # the cost, up front
+    a = json.load(open("port/results.json"))
+    assert a["sigma"] == "beta" and a["clip"] and a["T"] == 1000 and a["bound"]["split"] == "test"
+    model = unet.load_pretrained(port)
+    torch.save(dict(model=model.state_dict(), ema=model.state_dict(), step=0, model_config=model.config,
+                    config=dict(dataset="imgs", T=1000, image_size=8)), "ckpt.pt")
+    assert run("--checkpoint", "ckpt.pt", "--out", "same", *flags) == 0
+    b = json.load(open("same/results.json"))
+    assert b["bound"]["total_bpd"] == pytest.approx(a["bound"]["total_bpd"], rel=1e-6)
+    assert b["bound"]["rate_bpd"] == pytest.approx(a["bound"]["rate_bpd"], rel=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "digits"], "is for 3x8x8 images, but digits has 1x8x8"),
+    (["--dataset", "flat"], "flat has no test split"),
+    ([], "pass --dataset"),
+    (["--no-ema"], "--no-ema needs a checkpoint"),
+    (["--checkpoint", "x"], "not allowed with argument"),
+])
+def test_pretrained_bad_input_is_one_line_and_exit_2(argv, message, capsys, monkeypatch):
+    pytest.importorskip("diffusers")
+    monkeypatch.setattr(evaluate, "bound", None)
+    port = tiny_port("port", 8)
+    os.makedirs("flat")
+    Image.new("RGB", (8, 8)).save("flat/a.png")
+    assert run("--pretrained", port, *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
 
 
 def forge(path, ckpt_path, **model_config):

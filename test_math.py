@@ -12,7 +12,7 @@ import torch
 from hypothesis import assume, given, strategies as st
 from scipy import integrate, optimize, stats
 
-from ddpm import Diffusion, discretized_gaussian_log_likelihood, linear_betas, normal_kl
+from ddpm import Diffusion, discretized_gaussian_log_likelihood, linear_betas, normal_kl, rate_distortion
 
 F64 = torch.float64
 
@@ -564,3 +564,23 @@ def test_objective_and_variance_combinations():
         Diffusion(predict="xprev")
     with pytest.raises(ValueError, match="fixed"):
         d.eq12_weight(5)
+
+
+# 12. Sec. 4.3: the bound read as rate and distortion -----------------------------------------------
+def test_rate_distortion_bookkeeping_and_the_gaussian_mmse():
+    """The rate at t = 1 plus L_0 is the whole bound; the rate never falls along reverse time; with the
+    optimal denoiser for x_0 ~ N(m, s^2) the distortion is the MMSE s^2 (1 - a) / (a s^2 + 1 - a), a = alpha_bar_t."""
+    T, m, s, n = 50, 0.3, 0.5, 4000
+    d, g = Diffusion(linear_betas(T)), torch.Generator().manual_seed(0)
+    x0 = m + s * torch.randn(n, 1, generator=g, dtype=F64)
+    b = d.bound_bpd(gaussian_oracle(d, m, s), x0, generator=g)
+    rate, distortion = rate_distortion(b["terms"], b["prior"], b["mse"], scale=1.0)
+    assert rate[0].item() + b["terms"][:, 0].mean().item() == pytest.approx(b["total"].mean().item(), rel=1e-12)
+    assert rate[-1].item() == pytest.approx(b["prior"].mean().item(), rel=1e-12)  # at t = T: L_T alone
+    assert (rate[:-1] >= rate[1:]).all()
+    a_bar = ref_alpha_bar(linear_betas(T).numpy())[1:]
+    mmse = s**2 * (1 - a_bar) / (a_bar * s**2 + 1 - a_bar)
+    # mse[:, t-1] are squared Gaussian errors: the mean has relative standard error sqrt(2 / n).
+    assert np.all(np.abs(distortion.numpy() ** 2 / mmse - 1) < 4 * math.sqrt(2 / n))
+    assert rate_distortion(b["terms"], b["prior"], b["mse"], 127.5)[1][0].item() == pytest.approx(
+        127.5 * distortion[0].item(), rel=1e-12)

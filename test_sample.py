@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 import common
+import figures
 import sample
-from conftest import HERE, TINY, run_program
+from ddpm import Diffusion, linear_betas
+from conftest import HERE, TINY, run_program, tiny_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 import train
@@ -120,24 +122,64 @@ def grid_size(rows, cols, tile, min_size):
 
 
 def test_timesteps_of_the_figures():
-    assert sample.timesteps(1000) == [1000, 750, 500, 250, 100, 1]
-    assert sample.timesteps(20) == [20, 15, 10, 5, 2, 1]
-    assert sample.timesteps(1) == [1]
+    assert figures.timesteps(1000) == [1000, 750, 500, 250, 100, 1]
+    assert figures.timesteps(20) == [20, 15, 10, 5, 2, 1]
+    assert figures.timesteps(1) == [1]
 
 
 def test_figures_have_the_expected_sizes_and_frames():
     assert run("--n", "5", "--figures", "--out", "f") == 0
-    cols = len(sample.timesteps(20)) + 1  # t = 20, 15, 10, 5, 2, 1, and x_0
-    w, h = grid_size(2 * sample.STRIP, cols, 8, sample.FIGURE_SIZE)  # rows: x_t and x0_hat per sample
+    cols = len(figures.timesteps(20)) + 1  # t = 20, 15, 10, 5, 2, 1, and x_0
+    w, h = grid_size(2 * figures.STRIP, cols, 8, figures.FIGURE_SIZE)  # rows: x_t and x0_hat per sample
     with Image.open("f/reverse.png") as im:
         assert im.size == (w + common.LABEL_W, h + common.LABEL_H)
-    w, h = grid_size(sample.STRIP, cols, 8, sample.FIGURE_SIZE)
+    w, h = grid_size(figures.STRIP, cols, 8, figures.FIGURE_SIZE)
     with Image.open("f/forward.png") as im:
         assert im.size == (w, h + common.LABEL_H)
     with Image.open("f/denoising.gif") as im:
         assert im.n_frames == 20 + 1  # every step (T // 50 < 1) and the final x_0
         im.seek(im.n_frames - 1)
         assert im.info["duration"] == 2000
+    w, h = grid_size(4, 3 + 1, 8, figures.FIGURE_SIZE)  # splits at t = 20, 15, 10, 5: x_t and 3 samples
+    with Image.open("f/shared_latent.png") as im:
+        assert im.size == (w + common.LABEL_W, h + common.LABEL_H)
+    w, h = grid_size(sample.PAIRS, 13, 8, figures.FIGURE_SIZE)  # Source, Rec., 0.1 ... 0.9, Rec., Source
+    with Image.open("f/interpolation.png") as im:
+        assert im.size == (w, h + common.LABEL_H)
+    w, h = grid_size(9, 13, 8, figures.FIGURE_SIZE)  # 0, T/8, ..., T steps
+    with Image.open("f/coarse_to_fine.png") as im:
+        assert im.size == (w + 64, h + common.LABEL_H)
+
+
+def linear_model(x, t):
+    """A float64 stand-in network: eps_theta = 0.3 x + t / 100, exact in any batch."""
+    return 0.3 * x + t.reshape(-1, 1, 1, 1).double() / 100
+
+
+def test_interpolation_columns_are_the_reconstructions_and_zero_steps_mix_pixels():
+    d, g = Diffusion(linear_betas(20)), torch.Generator().manual_seed(0)
+    a, b = (torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    mixed = figures.interpolate(linear_model, d, a, b, 10, seed=3)
+    assert mixed.shape == (2, 11, 1, 4, 4)
+    alone_a = figures.interpolate(linear_model, d, a, a, 10, seed=3, lambdas=[0.0])[:, 0]
+    alone_b = figures.interpolate(linear_model, d, b, b, 10, seed=3, lambdas=[1.0])[:, 0]
+    assert torch.equal(mixed[:, 0], alone_a) and torch.equal(mixed[:, -1], alone_b)
+    assert not torch.allclose(mixed[:, 0], mixed[:, 1])
+    pixels = figures.interpolate(linear_model, d, a, b, 0, seed=3)
+    lam = torch.tensor(figures.LAMBDAS, dtype=torch.float64).reshape(1, -1, 1, 1, 1)
+    assert torch.allclose(pixels, (1 - lam) * a[:, None] + lam * b[:, None], rtol=0, atol=1e-15)
+
+
+def test_shared_latent_continuations_share_x_t_and_differ_after():
+    d, chain = Diffusion(linear_betas(20)), {}
+    groups = figures.shared_latents(linear_model, d, (1, 4, 4), seed=7, k=3)
+    assert list(groups) == [20, 15, 10, 5]
+    d.p_sample_loop(linear_model, (1, 1, 4, 4), True, torch.Generator().manual_seed(7),
+                    callback=lambda t, x_t, x0_hat: chain.update({t: x_t.clone()}))
+    for t, (x_t, samples) in groups.items():
+        assert torch.equal(x_t, chain[t])  # the same chain down to the split
+        assert samples.shape == (3, 1, 4, 4)
+        assert all(not torch.allclose(samples[i], samples[j]) for i in range(3) for j in range(i))
 
 
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(capsys, monkeypatch):
@@ -181,22 +223,6 @@ def test_command_line_without_a_checkpoint():
 
 
 # ---- the authors' weights, through unet.load_pretrained ----------------------------------------------
-def tiny_port(directory, size):
-    """A random diffusers UNet2DModel with the DDPM architecture, saved as the Hugging Face ports are."""
-    from diffusers import UNet2DModel
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    model = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), downsample_padding=0, flip_sin_to_cos=False,
-                        freq_shift=1, norm_eps=1e-6, norm_num_groups=32, attention_head_dim=None)
-    os.makedirs(directory)
-    path = os.path.join(directory, "diffusion_pytorch_model.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    model.save_config(directory)
-    return path
-
-
 @pytest.mark.slow
 def test_pretrained_uses_the_authors_sampler_settings():
     pytest.importorskip("diffusers")
