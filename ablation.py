@@ -27,7 +27,6 @@ import common
 from common import UsageError, positive
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DIVERGED = 3  # train.py's exit code for a NaN or infinite loss or gradient
 STRIP = 10    # samples per row in samples.png
 # (directory name, parameterisation, objective, train.py flags, the paper's IS, FID, NLL (Tables 1, 2))
 ROWS = [
@@ -61,8 +60,9 @@ def seed_list(text):
 def parse_args(argv=None):
     p = common.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=positive(), default=1500, help="training steps per row (default 1500)")
-    p.add_argument("--seeds", type=seed_list, default=[0], help="seeds per row, e.g. 0,1 (default 0); rows "
-                   "already run with a seed are read back, so two terminals can run --seeds 0 and --seeds 1")
+    p.add_argument("--seeds", type=seed_list, default=[0], help="seeds per row, e.g. 0,1 (default 0). Finished "
+                   "rows are read back: two terminals can run --seeds 0 and --seeds 1, then --seeds 0,1 makes the "
+                   "table of both")
     p.add_argument("--T", type=positive(), default=1000, help="diffusion steps (default 1000, the paper's)")
     p.add_argument("--n-test", type=positive(), help="test images for the bound (default all 297)")
     p.add_argument("--n-samples", type=positive(), default=500, help="samples for the Frechet distance (default 500)")
@@ -100,22 +100,28 @@ def call(program, *argv):
 def run_row(row, seed, args, where):
     """Train, evaluate and sample one (row, seed), skipping what is already done; returns its record."""
     record_path, start = os.path.join(where, "ablation.json"), time.time()
+    budget = dict(steps=args.steps, T=args.T, n_test=args.n_test, n_samples=args.n_samples)
     if os.path.exists(record_path):
         with open(record_path) as f:
-            return json.load(f)
+            record = json.load(f)
+        if record.get("budget") != budget:
+            raise UsageError(f"{where} was run with {record.get('budget')}, not {budget}: pass the same flags, "
+                             f"or another --out")
+        return record
     ckpt = os.path.join(where, common.CHECKPOINT)
     if os.path.exists(ckpt) and common.load_checkpoint(ckpt)["step"] >= args.steps \
             and os.path.exists(os.path.join(where, "samples.png")):
         code, last, stop = 0, "", False
     elif os.path.exists(ckpt):
-        code, last, stop = call("train.py", "--resume", where, "--steps", args.steps)
+        code, last, stop = call("train.py", "--resume", where, "--steps", args.steps, "--device", args.device)
     else:
         code, last, stop = call("train.py", *row[3], "--steps", args.steps, "--seed", seed, "--T", args.T,
                                 "--out", where, "--device", args.device)
     if stop or code == 130:
         raise KeyboardInterrupt
-    if code == DIVERGED:
-        return save_record(record_path, dict(status="unstable", why=last, seconds=round(time.time() - start)))
+    if code == common.DIVERGED:
+        return save_record(record_path, dict(status="unstable", why=last, seconds=round(time.time() - start),
+                                             budget=budget))
     if code != 0:
         raise UsageError(f"train.py failed on row {row[0]} (exit {code}): {last}")
     n_test = ["--n-test", args.n_test] if args.n_test else []
@@ -126,9 +132,8 @@ def run_row(row, seed, args, where):
         code, last, stop = call(program, *argv)
         if stop or code == 130:
             raise KeyboardInterrupt
-        if code != 0:  # e.g. a model whose samples are NaN: recorded, and the table goes on
-            return save_record(record_path, dict(status="unstable", why=f"{program} failed (exit {code}): {last}",
-                                                 seconds=round(time.time() - start)))
+        if code != 0:  # a diverged model's NaN is recorded below; a failure here is a mistake or a bug
+            raise UsageError(f"{program} failed on row {row[0]} (exit {code}): {last}")
     with open(os.path.join(where, "results.json")) as f:
         r = json.load(f)
     b, q = r["bound"], r["quality"]
@@ -137,7 +142,7 @@ def run_row(row, seed, args, where):
     finite = all(v is not None and math.isfinite(v) for v in numbers.values())
     return save_record(record_path, dict(status="ok" if finite else "unstable", why="" if finite else
                                          "non-finite bound or samples", step=r["step"], **numbers,
-                                         seconds=round(time.time() - start)))
+                                         seconds=round(time.time() - start), budget=budget))
 
 
 def save_record(path, record):

@@ -14,6 +14,7 @@ import torch
 
 RUNS = "runs"          # train.py writes runs/<config>[-N]/
 CHECKPOINT = "ckpt.pt"
+DIVERGED = 3  # train.py's exit code when the loss or gradient becomes NaN or infinite (ablation.py reads it)
 DIGITS_TEST_SIZE = 297  # the held-out digits: 1,797 = 1,500 train + 297 test
 
 
@@ -176,6 +177,22 @@ def load_run(path, ema=True, sigma=None):
         raise UsageError(f"{path} does not fit this version of unet.py: {first_line(e, 150)}") from None
     restore(model, ckpt["ema" if ema else "model"], path, "EMA weights" if ema else "weights")
     return model.eval(), make_diffusion(ckpt["config"], sigma), ckpt
+
+
+def load_pretrained_run(path, sigma=None, no_ema=False):
+    """(network, Diffusion, directory of the weights) for the authors' released weights (unet.load_pretrained),
+    with their settings: T = 1000, linear betas, eps; sigma^2 = beta at 32x32 and beta~ at 256x256, as their
+    samplers (the decoder's log beta~_2 at t = 1 is ddpm.py's for both)."""
+    from unet import load_pretrained
+    if no_ema:
+        raise UsageError("--no-ema needs a checkpoint from train.py (a weights file holds one set of weights)")
+    try:
+        model = load_pretrained(path)
+    except Exception as e:  # missing, corrupt (safetensors or pickle errors), or another architecture
+        raise UsageError(f"cannot load --pretrained {path}: {first_line(e, 300)}") from None
+    sigma = sigma or ("beta" if model.image_size <= 32 else "beta_tilde")
+    where = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    return model, make_diffusion({"T": model.T}, sigma), where
 
 
 # ---- data -----------------------------------------------------------------------------------------

@@ -207,16 +207,17 @@ class Diffusion:
         return mean + torch.exp(0.5 * log_var) * z, x0_hat
 
     @torch.no_grad()
-    def p_sample_loop(self, model, shape, clip=False, generator=None, device="cpu", callback=None, xt=None, t=None):
+    def p_sample_loop(self, model, shape, clip=False, generator=None, device="cpu", callback=None, xt=None,
+                      t_start=None):
         """Algorithm 2: x_T ~ N(0, I), then t = T, ..., 1; returns x_0.
 
         generator: a torch.Generator on `device`, for reproducible samples.
         callback(t, x_t, x0_hat) is called after each step (x_t is x_{t-1}'s input),
-        to record the reverse process for figures. xt, t: start from this x_t at step t
-        instead (the shared latents and interpolations of Sec. 4.3-4.4).
+        to record the reverse process for figures. xt, t_start: start from this x_t at step
+        t_start instead (the shared latents of Sec. 4.3).
         """
         x = torch.randn(shape, generator=generator, device=device) if xt is None else xt
-        for t in range(self.T if t is None else t, 0, -1):
+        for t in range(self.T if t_start is None else t_start, 0, -1):
             x_prev, x0_hat = self.p_sample_step(model, x, t, clip, generator)
             if callback is not None:
                 callback(t, x, x0_hat)

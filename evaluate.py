@@ -34,16 +34,8 @@ from tqdm import tqdm
 
 import common
 import figures
-import unet
 from common import UsageError
 from ddpm import rate_distortion
-
-
-def count(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def parse_args(argv=None):
@@ -55,17 +47,19 @@ def parse_args(argv=None):
     p.add_argument("--dataset", help="evaluate on this dataset instead of the checkpoint's (pretrained 3x32x32: "
                    "cifar10); a folder's test split is its test/ subfolder")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
-    p.add_argument("--n-test", type=count, help="a fixed seeded subset of N test images (default all; 0: no bound)")
+    p.add_argument("--n-test", type=common.number(int, 0),
+                   help="a fixed seeded subset of N test images (default all; 0: no bound)")
     p.add_argument("--batch-size", type=common.positive(), default=256, help="images per network call (default 256)")
     p.add_argument("--sigma", choices=["beta", "beta_tilde"], help="sigma_t^2 (default: the checkpoint's)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip x0_hat to [-1, 1] "
                    "in the bound's means, as the authors' evaluation (default on)")
-    p.add_argument("--n-samples", type=count, default=1000, help="samples to generate for the Frechet distance "
+    p.add_argument("--n-samples", type=common.number(int, 0), default=1000, help="samples to generate for the Frechet "
+                   "distance "
                    "(Algorithm 2 with clipping; default 1000; 0: no sample quality)")
     p.add_argument("--samples", help="instead: sample.py's folder, an .npz (arr_0: uint8 NHWC) or PNGs folder")
     p.add_argument("--seed", type=int, default=0, help="seed for the subset, the noise and the classifier")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--out", help="where results.json and bound_terms.png go (default: the run directory)")
+    p.add_argument("--out", help="where results.json and the plots go (default: the run's, or the weights' directory)")
     p.add_argument("--force", action="store_true", help="overwrite results already there")
     return p.parse_args(argv)
 
@@ -199,24 +193,17 @@ def dims(shape):
 
 
 def load_weights(args):
-    """(network, Diffusion, step, the directory results go to): a train.py run, or the authors' weights
-    with their settings (T = 1000, sigma^2 = beta; the decoder's log beta~_2 is ddpm.py's for both)."""
+    """(network, Diffusion, checkpoint (or its stand-in), the directory results go to): a train.py run, or
+    the authors' weights with their settings (common.load_pretrained_run)."""
     if not args.pretrained:
         path = args.checkpoint or common.latest_checkpoint()
         model, diffusion, ckpt = common.load_run(path, ema=not args.no_ema, sigma=args.sigma)
         return model, diffusion, ckpt, path if os.path.isdir(path) else os.path.dirname(path) or "."
-    if args.no_ema:
-        raise UsageError("--no-ema needs a checkpoint from train.py (a weights file holds one set of weights)")
-    try:
-        model = unet.load_pretrained(args.pretrained)
-    except Exception as e:  # missing, corrupt, or another architecture
-        raise UsageError(f"cannot load --pretrained {args.pretrained}: {common.first_line(e, 300)}") from None
-    where = args.pretrained if os.path.isdir(args.pretrained) else os.path.dirname(args.pretrained) or "."
+    model, diffusion, where = common.load_pretrained_run(args.pretrained, args.sigma, args.no_ema)
     if not args.dataset and (model.in_channels, model.image_size) != (3, 32):
         raise UsageError(f"{args.pretrained} is a {dims((3, model.image_size, model.image_size))} model: pass "
                          f"--dataset (a folder with a test/ subfolder of its images)")
-    ckpt = dict(config=dict(dataset=args.dataset or "cifar10", T=model.T), model_config=model.config)
-    return model, common.make_diffusion(ckpt["config"], args.sigma or "beta"), ckpt, where
+    return model, diffusion, dict(config=dict(dataset=args.dataset or "cifar10"), model_config=model.config), where
 
 
 def setup(args):

@@ -68,8 +68,8 @@ def shared_latents(model, diffusion, shape, seed, clip=True, k=3, splits=None, d
     out = {}
     for t in splits:  # fresh noise after the split: each continuation its own
         gen = torch.Generator(device).manual_seed(seed + 1 + t)
-        out[t] = (kept[t].cpu(), diffusion.p_sample_loop(model, None, clip, gen, device, xt=kept[t].repeat(k, 1, 1, 1),
-                                                         t=t).cpu())
+        x = diffusion.p_sample_loop(model, None, clip, gen, device, xt=kept[t].repeat(k, 1, 1, 1), t_start=t)
+        out[t] = (kept[t].cpu(), x.cpu())
     return out
 
 
@@ -89,11 +89,12 @@ def interpolate(model, diffusion, x0, x0_prime, t, seed, clip=True, lambdas=LAMB
     the reverse process from t with ONE noise sequence for every lambda. t = 0 mixes in pixel space.
     x0, x0_prime [P, C, H, W] -> [P, len(lambdas), C, H, W]."""
     gen, device = torch.Generator(x0.device).manual_seed(seed), x0.device
+    xt, xt_prime = x0, x0_prime
     if t > 0:
-        x0, x0_prime = (diffusion.q_sample(x, t, torch.randn(x.shape, generator=gen, device=device))
+        xt, xt_prime = (diffusion.q_sample(x, t, torch.randn(x.shape, generator=gen, device=device))
                         for x in (x0, x0_prime))
     lam = torch.tensor(lambdas, dtype=x0.dtype, device=device).reshape(1, -1, 1, 1, 1)
-    x = ((1 - lam) * x0[:, None] + lam * x0_prime[:, None]).flatten(0, 1)  # pair-major: [P * L, C, H, W]
+    x = ((1 - lam) * xt[:, None] + lam * xt_prime[:, None]).flatten(0, 1)  # pair-major: [P * L, C, H, W]
     for s in range(t, 0, -1):
         z = torch.randn(x0.shape, generator=gen, device=device).repeat_interleave(len(lambdas), 0)  # one per pair
         x, _ = diffusion.p_sample_step(model, x, s, clip, z=z)

@@ -22,7 +22,6 @@ from PIL import Image
 import common
 import figures
 from common import UsageError
-import unet
 
 STRIP, GIF, PAIRS = figures.STRIP, figures.GIF_SAMPLES, 3  # samples in reverse.png, denoising.gif; pairs in Fig. 8
 
@@ -42,7 +41,9 @@ def parse_args(argv=None):
                    "checkpoint's, else beta; pretrained: beta at 32x32, beta_tilde at 256x256, as the authors)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip x0_hat to [-1, 1] "
                    "(default on, as the authors' sampler; --no-clip is exactly Algorithm 2)")
-    p.add_argument("--figures", action="store_true", help="also write reverse.png, forward.png, denoising.gif")
+    p.add_argument("--figures", action="store_true", help="also write the paper's figures: reverse.png (Fig. 6), "
+                   "forward.png, denoising.gif, shared_latent.png (Fig. 7), interpolation.png (8), "
+                   "coarse_to_fine.png (9)")
     p.add_argument("--out", help="output directory (default <run>/samples, or a fresh samples-N)")
     p.add_argument("--force", action="store_true", help="write into an existing output directory")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are (for forward.png)")
@@ -52,16 +53,8 @@ def parse_args(argv=None):
 def load(args):
     """(network, Diffusion with the sampler's sigma, training config or None, directory of the weights)."""
     if args.pretrained:
-        if args.no_ema:
-            raise UsageError("--no-ema needs a checkpoint from train.py (a weights file holds one set of weights)")
-        try:
-            model = unet.load_pretrained(args.pretrained)
-        except Exception as e:  # missing, corrupt (safetensors or pickle errors), or another architecture
-            raise UsageError(f"cannot load --pretrained {args.pretrained}: {common.first_line(e, 300)}") from None
-        # The authors sampled CIFAR-10 with sigma^2 = beta and the 256x256 models with beta~ (T = 1000, linear).
-        sigma = args.sigma or ("beta" if model.image_size <= 32 else "beta_tilde")
-        where = args.pretrained if os.path.isdir(args.pretrained) else os.path.dirname(args.pretrained)
-        return model, common.make_diffusion({"T": model.T}, sigma), None, where
+        model, diffusion, where = common.load_pretrained_run(args.pretrained, args.sigma, args.no_ema)
+        return model, diffusion, None, where
     path = args.checkpoint or common.latest_checkpoint()
     model, diffusion, ckpt = common.load_run(path, ema=not args.no_ema, sigma=args.sigma)
     return model, diffusion, ckpt["config"], path if os.path.isdir(path) else os.path.dirname(path)
@@ -121,14 +114,20 @@ class Figures:
         shape = (model.in_channels, model.image_size, model.image_size)
         save(figures.shared_latent_figure(figures.shared_latents(model, d, shape, self.seed, clip, device=device)),
              "shared_latent.png")
-        own = x[:2 * PAIRS] if len(x) > 1 else x.repeat(2, 1, 1, 1)  # no held-out data: our own samples
-        a, b = (self.pairs if self.pairs is not None else own[:len(own) // 2 * 2].reshape(2, -1, *shape)).to(device)
+        a, b = (self.pairs if self.pairs is not None else pairs_of(x)).to(device)
         save(figures.interpolation_figure(a, b, figures.interpolate(model, d, a, b, d.T // 2, self.seed, clip)),
              "interpolation.png")
         save(figures.coarse_to_fine_figure(a, b, *figures.coarse_to_fine(model, d, a, b, self.seed, clip)),
              "coarse_to_fine.png")
         return ["reverse.png", "forward.png", "denoising.gif", "shared_latent.png", "interpolation.png",
                 "coarse_to_fine.png"]
+
+
+def pairs_of(images):
+    """Up to PAIRS pairs of images, as [2, P, C, H, W] (one image is paired with itself)."""
+    images = images if len(images) > 1 else images.repeat(2, 1, 1, 1)
+    p = min(PAIRS, len(images) // 2)
+    return images[:2 * p].reshape(2, p, *images.shape[1:])
 
 
 def figure_data(args, config):
@@ -139,9 +138,8 @@ def figure_data(args, config):
     images, _, levels = common.load_dataset(config["dataset"], "train", config.get("image_size"), args.data_root)
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:STRIP]
     test = common.load_dataset(config["dataset"], "test", config.get("image_size"), args.data_root)[0]
-    pairs = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed + 1))[:2 * PAIRS]
-    return (common.to_model_range(images[pick], levels),
-            common.to_model_range(test[pairs], levels).reshape(2, PAIRS, *test.shape[1:]))
+    shuffled = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed + 1))]
+    return common.to_model_range(images[pick], levels), pairs_of(common.to_model_range(shuffled, levels))
 
 
 def main(argv=None):

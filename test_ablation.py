@@ -80,6 +80,14 @@ def test_ctrl_c_keeps_finished_rows_and_the_same_command_continues(monkeypatch, 
     assert calls.count("train.py") == 4  # only the rows not finished before
 
 
+def test_rows_run_with_another_budget_are_refused(monkeypatch, capsys):
+    call, _ = fake_programs()
+    monkeypatch.setattr(ablation, "call", call)
+    assert run(*QUICK, "--rows", "eps-simple") == 0
+    assert run(*QUICK, "--rows", "eps-simple", "--n-samples", "20") == 2
+    assert "a/eps-simple-s0 was run with" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rows", "eps-simple,nope"], "unknown row 'nope'"),
     (["--seeds", "0,0"], "distinct non-negative integers"),

@@ -274,7 +274,7 @@ def forge(path, ckpt_path, **model_config):
     (["--checkpoint", "CKPT", "--samples", "missing/"], "no sample folder"),
     (["--checkpoint", "CKPT", "--samples", "rgb.npz"], "holds 3x8x8 images, the model makes 1x8x8"),
     (["--checkpoint", "CKPT", "--n-test", "300"], "more than the 297 test images"),
-    (["--checkpoint", "CKPT", "--n-test", "-1"], "must be 0 or more"),
+    (["--checkpoint", "CKPT", "--n-test", "-1"], "must be at least 0"),
     (["--checkpoint", "CKPT", "--sigma", "huge"], "invalid choice"),
     (["--checkpoint", "CKPT", "--out", "done"], "done/results.json exists"),
     (["--checkpoint", "rgb.pt", "--samples", "missing"], "no sample folder"),

@@ -151,6 +151,19 @@ def test_figures_have_the_expected_sizes_and_frames():
         assert im.size == (w + 64, h + common.LABEL_H)
 
 
+def test_figures_of_a_folder_with_a_tiny_test_split(monkeypatch):
+    """Fig. 8 needs pairs of held-out images: a test/ split of one image still gives one (itself)."""
+    for split, n in (("train", 40), ("test", 1)):
+        os.makedirs(f"imgs/{split}")
+        for i in range(n):
+            Image.fromarray(np.full((8, 8), 6 * i, np.uint8)).save(f"imgs/{split}/{i}.png")
+    assert run_program(train.main, [*TINY, "--dataset", "imgs", "--image-size", "8", "--steps", "2",
+                                    "--out", "f"]) == 0
+    assert run("--checkpoint", "f", "--n", "2", "--figures", "--out", "s") == 0
+    with Image.open("s/interpolation.png") as im:
+        assert im.size[1] == grid_size(1, 13, 8, figures.FIGURE_SIZE)[1] + common.LABEL_H
+
+
 def linear_model(x, t):
     """A float64 stand-in network: eps_theta = 0.3 x + t / 100, exact in any batch."""
     return 0.3 * x + t.reshape(-1, 1, 1, 1).double() / 100

@@ -176,6 +176,9 @@ def test_folder_of_images(tmp_path):
     (["--out", "a-file/run"], "cannot write to a-file/run: "),
     (["--sigma", "learned"], "needs --objective vlb"),
     (["--predict", "xprev"], "invalid choice"),
+    (["--resume", "r", "--out", "elsewhere"], "leave out --out and --config"),
+    (["--out", "logs"], "already holds loss.csv"),
+    (["--resume", "no-optimizer.pt"], "cannot be resumed: it holds no optimizer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert run(*TINY, "--steps", "2", "--out", "r") == 0
@@ -190,6 +193,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     torch.save({**ckpt, "ema": dict(list(ckpt["ema"].items())[1:])}, "misfit.pt")  # a tensor missing
     torch.save({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "lr"}}, "old.pt")
     torch.save({**ckpt, "extra": torch.nn.Linear(2, 2)}, "malicious.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, "no-optimizer.pt")
+    os.makedirs("logs")
+    open("logs/loss.csv", "w").close()
     before = open("r/ckpt.pt", "rb").read()
     capsys.readouterr()
     assert run(*TINY, "--steps", "4", *argv) == 2

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import figures
 from common import UsageError, number, positive
 from ddpm import OBJECTIVES, PREDICT, SIGMA
 import unet
@@ -45,7 +46,7 @@ for c in CONFIGS.values():  # the paper's choices (Sec. 3.2, Table 2's last row)
     c.update(dict.fromkeys(NETWORK_KEYS), predict="eps", objective="simple", sigma="beta")
 # What a checkpoint's weights depend on: a resumed run may not change these.
 MODEL_KEYS = ("dataset", "preset", "image_size", "T", "predict", "objective", "sigma", *NETWORK_KEYS)
-DIVERGED = 3  # exit code for a NaN or infinite loss or gradient (ablation.py records such a run as unstable)
+DIVERGED = common.DIVERGED  # exit code for a NaN or infinite loss or gradient (ablation.py: "unstable")
 
 
 def int_tuple(allow_empty):
@@ -62,7 +63,7 @@ def int_tuple(allow_empty):
 
 def parse_args(argv=None):
     p = common.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="digits", help=f"starting values: {', '.join(CONFIGS)} (default digits)")
+    p.add_argument("--config", help=f"starting values: {', '.join(CONFIGS)} (default digits)")
     p.add_argument("--dataset", help="digits, mnist, fashion-mnist, cifar10, or a folder of images")
     p.add_argument("--preset", help=f"network preset from unet.py: {', '.join(unet.PRESETS)}")
     p.add_argument("--ch", type=positive(), help="network base channels (default: the preset's)")
@@ -100,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     args = p.parse_args(argv)
-    if args.config not in CONFIGS:
+    if args.config is not None and args.config not in CONFIGS:
         raise UsageError(f"unknown config {args.config!r}: use one of {', '.join(CONFIGS)}")
     given = {k: v for k, v in vars(args).items() if k in CONFIGS["digits"] and v is not None}
     return args, given
@@ -109,14 +110,19 @@ def parse_args(argv=None):
 def resolve_config(args, given):
     """The run's configuration and directory; on --resume, the checkpoint's (checked against flags)."""
     if args.resume:
+        if args.out or args.config:
+            raise UsageError("--resume continues a run where it is, with its own config: leave out --out and --config")
         path = common.latest_checkpoint() if args.resume == "latest" else args.resume
         ckpt = common.load_checkpoint(path, needs=CONFIGS["digits"].keys())
+        if missing := [k for k in ("optimizer", "step", "rng") if k not in ckpt]:
+            raise UsageError(f"{path} cannot be resumed: it holds no {', '.join(missing)} (not written by train.py?)")
         for k in MODEL_KEYS:
             if k in given and given[k] != ckpt["config"][k]:
                 raise UsageError(f"the checkpoint {path} was trained with --{k.replace('_', '-')} "
                                  f"{ckpt['config'][k]}, not {given[k]}: start a new run with another --out")
         out = (os.path.dirname(path) or ".") if path.endswith(".pt") else path
         return {**ckpt["config"], **given}, out, ckpt
+    args.config = args.config or "digits"
     config = {**CONFIGS[args.config], "config": args.config, **given}
     if config["preset"] not in unet.PRESETS:
         raise UsageError(f"unknown preset {config['preset']!r}: use one of {', '.join(unet.PRESETS)}")
@@ -133,6 +139,8 @@ def resolve_config(args, given):
             out = os.path.join(common.RUNS, f"{args.config}-{n}")
     elif os.path.exists(os.path.join(out, common.CHECKPOINT)):
         raise UsageError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+    elif taken := [f for f in ("loss.csv", "loss.png", "samples.png") if os.path.exists(os.path.join(out, f))]:
+        raise UsageError(f"{out} already holds {taken[0]}, which this run would overwrite: choose another --out")
     return config, out, None
 
 
@@ -142,8 +150,10 @@ def start_processes(args):
     if "RANK" not in os.environ:
         return 0, 1, common.pick_device(args.device)
     gpu = torch.cuda.is_available() and args.device != "cpu"
-    dist.init_process_group("nccl" if gpu else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)  # so that NCCL and stray allocations use this process's GPU
+    dist.init_process_group("nccl" if gpu else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -166,8 +176,9 @@ def any_process(flag, device, world):
 
 
 # ---- the run's state -----------------------------------------------------------------------------
-def build(config, ckpt, device, channels, size, path=None):
+def build(config, ckpt, device, images, levels, rank, path=None):
     """Network, EMA copy, optimizer, diffusion and noise generator; restored from ckpt (read from path)."""
+    channels, size = images.shape[1], images.shape[2]
     torch.manual_seed(config["seed"])  # the initial weights, and dropout
     out_channels = 2 * channels if config["sigma"] == "learned" else channels  # + a log-variance (Table 2)
     try:
@@ -176,7 +187,7 @@ def build(config, ckpt, device, channels, size, path=None):
     except ValueError as e:
         raise UsageError(f"{e} (dataset {config['dataset']} has {channels}x{size}x{size} images)") from None
     model.to(device)
-    s = SimpleNamespace(model=model, ema=copy.deepcopy(model).requires_grad_(False).eval(), step=0,
+    s = SimpleNamespace(model=model, ema=copy.deepcopy(model).requires_grad_(False).eval(), step=0, levels=levels,
                         diffusion=common.make_diffusion(config),
                         opt=torch.optim.Adam(model.parameters(), lr=config["lr"], foreach=True),
                         noise_gen=torch.Generator(device).manual_seed(config["seed"] + 1))
@@ -185,10 +196,16 @@ def build(config, ckpt, device, channels, size, path=None):
         common.restore(s.ema, ckpt["ema"], path, "EMA weights")
         common.restore(s.opt, ckpt["optimizer"], path, "optimizer state")
         s.step = ckpt["step"]
-        s.noise_gen.set_state(ckpt["rng"]["noise"])
+        try:
+            s.noise_gen.set_state(ckpt["rng"]["noise"])
+        except RuntimeError:
+            raise UsageError(f"{path} was trained on another kind of device than {device.type}: resume it with "
+                             f"the --device it was trained on") from None
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    if rank:  # dropout masks of its own for each process (the checkpoint holds process 0's generator)
+        torch.manual_seed(config["seed"] * 1_000_003 + rank * 10_007 + s.step)
     return s
 
 
@@ -238,9 +255,7 @@ def read_rows(path):
 
 
 def write_loss_plot(csv_path, png_path, objective="simple"):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
     rows = read_rows(csv_path)
     if not rows:
         return
@@ -251,7 +266,7 @@ def write_loss_plot(csv_path, png_path, objective="simple"):
     ax.set(xlabel="step", ylabel=label, yscale="log" if min(losses) > 0 else "linear",
            title="training loss")
     fig.tight_layout()
-    common.write_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=100), "wb")
+    figures.save_plot(fig, png_path)
     plt.close(fig)
 
 
@@ -374,8 +389,8 @@ def main(argv=None):
     images, _, levels = common.load_dataset(config["dataset"], "train", config.get("image_size"), args.data_root)
     if len(images) < config["batch_size"]:
         raise UsageError(f"--batch-size {config['batch_size']} is larger than the dataset ({len(images)} images)")
-    s = build(config, ckpt, device, images.shape[1], images.shape[2], out)
-    s.levels, grid = levels, os.path.join(out, "samples.png")
+    s = build(config, ckpt, device, images, levels, rank, out)
+    grid = os.path.join(out, "samples.png")
     if s.step >= config["steps"] and os.path.exists(grid):
         raise UsageError(f"{out} is already trained to step {s.step}: pass a larger --steps to continue")
     if s.step < config["steps"]:
