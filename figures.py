@@ -122,7 +122,7 @@ def coarse_to_fine_figure(x0, x0_prime, steps, rows):
     tiles = torch.cat([x0[:1].expand(len(rows), -1, -1, -1)[:, None], rows.clamp(-1, 1),
                        x0_prime[:1].expand(len(rows), -1, -1, -1)[:, None]], 1)
     im = common.grid_image(tiles.flatten(0, 1), nrow=tiles.shape[1], min_size=FIGURE_SIZE)
-    return common.labelled(im, ["Source", "λ=0", *[f"{v:.1f}" for v in LAMBDAS[1:-1]], "λ=1", "Source"],
+    return common.labelled(im, ["Source", "Rec.", *[f"{v:.1f}" for v in LAMBDAS[1:-1]], "Rec.", "Source"],
                            [f"{t} steps" for t in steps], row_width=64)
 
 

@@ -273,10 +273,21 @@ def gaussian_oracle(d, m, s):
     return eps_model
 
 
-@pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
-def test_algorithm2_with_oracle_reproduces_gaussian_data(sigma):
-    d, m, s, n = Diffusion(sigma=sigma), 0.3, 0.5, 20000
-    x = d.p_sample_loop(gaussian_oracle(d, m, s), (n, 1), generator=torch.Generator().manual_seed(1))
+def gaussian_oracle_for(d, m, s):
+    """The optimal output of each parameterisation for x_0 ~ N(m, s^2): E[eps | x_t], E[x_0 | x_t], or
+    mu_tilde_t(x_t, E[x_0 | x_t]) (the mean of Eq. 7 is linear in x_0)."""
+    def model(x, t):
+        a_bar = d.gather("alpha_bar", t, x)
+        x0 = m + s**2 * a_bar.sqrt() * (x - a_bar.sqrt() * m) / (a_bar * s**2 + 1 - a_bar)
+        return {"eps": (x - a_bar.sqrt() * x0) / (1 - a_bar).sqrt(), "x0": x0,
+                "mean": d.q_posterior(x0, x, t)[0]}[d.predict]
+    return model
+
+
+@pytest.mark.parametrize("sigma, predict", [("beta", "eps"), ("beta_tilde", "eps"), ("beta", "x0"), ("beta", "mean")])
+def test_algorithm2_with_oracle_reproduces_gaussian_data(sigma, predict):
+    d, m, s, n = Diffusion(sigma=sigma, predict=predict), 0.3, 0.5, 20000
+    x = d.p_sample_loop(gaussian_oracle_for(d, m, s), (n, 1), generator=torch.Generator().manual_seed(1))
     x = x.double().squeeze(1).numpy()
     assert stats.kstest(x, stats.norm(m, s).cdf).pvalue > 1e-3
     assert abs(x.mean() - m) < 4 * s / math.sqrt(n)
