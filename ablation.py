@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import common
+import figures
 from common import UsageError, positive
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -192,7 +193,7 @@ def picture(args):
         tiles.append(x[:STRIP])
         names.append(row[0])
     im = common.grid_image(torch.cat(tiles), nrow=STRIP, min_size=400)
-    return common.labelled(im, [], names, row_width=110)
+    return figures.labelled(im, [], names, row_width=110)
 
 
 def main(argv=None):

@@ -312,23 +312,6 @@ def grid_image(x, nrow=8, min_size=256, pad=1):
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
 
 
-LABEL_H, LABEL_W = 14, 48  # height of a column label, width of a row label (pixels)
-
-
-def labelled(im, columns, rows=(), row_width=LABEL_W):
-    """im with its columns named in a strip on top (and its rows on the left, if given)."""
-    from PIL import Image, ImageDraw
-    left = row_width if rows else 0
-    out = Image.new(im.mode, (im.width + left, im.height + LABEL_H), "white")
-    out.paste(im, (left, LABEL_H))
-    draw = ImageDraw.Draw(out)
-    for j, text in enumerate(columns):
-        draw.text((left + im.width * (j + 0.5) / len(columns) - draw.textlength(text) / 2, 1), text, fill="black")
-    for i, text in enumerate(rows):
-        draw.text((2, LABEL_H + im.height * (i + 0.5) / len(rows) - 5), text, fill="black")
-    return out
-
-
 def save_image(im, path, force=True):
     """Save a PIL image atomically; refuse to replace an existing file unless force."""
     if os.path.exists(path) and not force:

@@ -6,13 +6,27 @@ distortion (Fig. 5, Table 4) and of x0_hat's quality along the reverse process (
 The math is ddpm.py's; this file only runs it in the paper's arrangements and draws the result.
 """
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import common
 
 STRIP, GIF_SAMPLES = 4, 16  # samples shown in reverse.png / forward.png, and in denoising.gif
 FIGURE_SIZE = 384           # the figures' minimum size (pixels)
 LAMBDAS = [i / 10 for i in range(11)]  # Fig. 8's mixing weights: Rec. (0), 0.1 ... 0.9, Rec. (1)
+LABEL_H, LABEL_W = 14, 48  # height of a column label, width of a row label (pixels)
+
+
+def labelled(im, columns, rows=(), row_width=LABEL_W):
+    """im with its columns named in a strip on top (and its rows on the left, if given)."""
+    left = row_width if rows else 0
+    out = Image.new(im.mode, (im.width + left, im.height + LABEL_H), "white")
+    out.paste(im, (left, LABEL_H))
+    draw = ImageDraw.Draw(out)
+    for j, text in enumerate(columns):
+        draw.text((left + im.width * (j + 0.5) / len(columns) - draw.textlength(text) / 2, 1), text, fill="black")
+    for i, text in enumerate(rows):
+        draw.text((2, LABEL_H + im.height * (i + 0.5) / len(rows) - 5), text, fill="black")
+    return out
 
 
 def timesteps(T):
@@ -28,7 +42,7 @@ def reverse_figure(recorded, x0, ts):
         for k in (0, 1):  # 0: x_t, 1: x0_hat
             tiles += [*(recorded[t][k][i] for t in ts), x0[i]]
     im = common.grid_image(torch.stack(tiles), nrow=len(ts) + 1, min_size=FIGURE_SIZE)
-    return common.labelled(im, [f"t={t}" for t in ts] + ["x_0"], ["x_t", "x0_hat"] * len(x0))
+    return labelled(im, [f"t={t}" for t in ts] + ["x_0"], ["x_t", "x0_hat"] * len(x0))
 
 
 def forward_figure(diffusion, x0, ts, seed):
@@ -40,7 +54,7 @@ def forward_figure(diffusion, x0, ts, seed):
             kept[t] = x
     columns = [x0, *(kept[t] for t in reversed(ts))]
     im = common.grid_image(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns), min_size=FIGURE_SIZE)
-    return common.labelled(im, ["x_0"] + [f"t={t}" for t in reversed(ts)])
+    return labelled(im, ["x_0"] + [f"t={t}" for t in reversed(ts)])
 
 
 def gif_frame(x_t, x0_hat, title):
@@ -49,7 +63,7 @@ def gif_frame(x_t, x0_hat, title):
     both = Image.new(a.mode, (2 * a.width + 8, a.height), "white")
     both.paste(a, (0, 0))
     both.paste(b, (a.width + 8, 0))
-    return common.labelled(both, [title, "predicted x_0"])
+    return labelled(both, [title, "predicted x_0"])
 
 
 # ---- shared latents (Fig. 7) -------------------------------------------------------------------------
@@ -79,7 +93,7 @@ def shared_latent_figure(groups):
     k = len(groups[ts[0]][1])
     tiles = torch.cat([torch.cat([x_t.clamp(-1, 1), samples]) for x_t, samples in groups.values()])
     im = common.grid_image(tiles, nrow=k + 1, min_size=FIGURE_SIZE)
-    return common.labelled(im, ["x_t"] + [f"sample {i + 1}" for i in range(k)], [f"t={t}" for t in ts])
+    return labelled(im, ["x_t"] + [f"sample {i + 1}" for i in range(k)], [f"t={t}" for t in ts])
 
 
 # ---- interpolation (Figs. 8, 9) ------------------------------------------------------------------
@@ -106,7 +120,7 @@ def interpolation_figure(x0, x0_prime, mixed):
     tiles = torch.cat([x0.cpu()[:, None], mixed.clamp(-1, 1), x0_prime.cpu()[:, None]], 1)
     im = common.grid_image(tiles.flatten(0, 1), nrow=tiles.shape[1], min_size=FIGURE_SIZE)
     names = [f"{v:.1f}" for v in LAMBDAS[1:-1]]
-    return common.labelled(im, ["Source", "Rec.", *names, "Rec.", "Source"])
+    return labelled(im, ["Source", "Rec.", *names, "Rec.", "Source"])
 
 
 def coarse_to_fine(model, diffusion, x0, x0_prime, seed, clip=True):
@@ -122,7 +136,7 @@ def coarse_to_fine_figure(x0, x0_prime, steps, rows):
     tiles = torch.cat([x0[:1].expand(len(rows), -1, -1, -1)[:, None], rows.clamp(-1, 1),
                        x0_prime[:1].expand(len(rows), -1, -1, -1)[:, None]], 1)
     im = common.grid_image(tiles.flatten(0, 1), nrow=tiles.shape[1], min_size=FIGURE_SIZE)
-    return common.labelled(im, ["Source", "Rec.", *[f"{v:.1f}" for v in LAMBDAS[1:-1]], "Rec.", "Source"],
+    return labelled(im, ["Source", "Rec.", *[f"{v:.1f}" for v in LAMBDAS[1:-1]], "Rec.", "Source"],
                            [f"{t} steps" for t in steps], row_width=64)
 
 
@@ -145,7 +159,7 @@ def nearest_figure(samples, train, k=5, n=8):
     idx = nearest(samples[:n], train, k).indices
     tiles = torch.cat([samples[:n, None], train[idx]], 1)
     im = common.grid_image(tiles.flatten(0, 1), nrow=k + 1, min_size=FIGURE_SIZE)
-    return common.labelled(im, ["sample"] + [f"{i + 1}st" if i == 0 else f"{i + 1}" for i in range(k)])
+    return labelled(im, ["sample"] + [f"{i + 1}st" if i == 0 else f"{i + 1}" for i in range(k)])
 
 
 # ---- plots (Figs. 5, 10) ---------------------------------------------------------------------------------
@@ -173,6 +187,17 @@ def plot_terms(terms, prior, path, title):
     ax.axhline(prior, color="grey", ls=":", label=f"$L_T$ = {prior:.2g}")
     ax.set(xlabel="t", ylabel="bits/dim", yscale="log", title=title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_plot(fig, path)
+    plt.close(fig)
+
+
+def loss_plot(steps, losses, ylabel, path):
+    """The training loss against optimizer steps (log scale while it is positive)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses)
+    ax.set(xlabel="step", ylabel=ylabel, yscale="log" if min(losses) > 0 else "linear", title="training loss")
     fig.tight_layout()
     save_plot(fig, path)
     plt.close(fig)

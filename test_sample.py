@@ -132,23 +132,23 @@ def test_figures_have_the_expected_sizes_and_frames():
     cols = len(figures.timesteps(20)) + 1  # t = 20, 15, 10, 5, 2, 1, and x_0
     w, h = grid_size(2 * figures.STRIP, cols, 8, figures.FIGURE_SIZE)  # rows: x_t and x0_hat per sample
     with Image.open("f/reverse.png") as im:
-        assert im.size == (w + common.LABEL_W, h + common.LABEL_H)
+        assert im.size == (w + figures.LABEL_W, h + figures.LABEL_H)
     w, h = grid_size(figures.STRIP, cols, 8, figures.FIGURE_SIZE)
     with Image.open("f/forward.png") as im:
-        assert im.size == (w, h + common.LABEL_H)
+        assert im.size == (w, h + figures.LABEL_H)
     with Image.open("f/denoising.gif") as im:
         assert im.n_frames == 20 + 1  # every step (T // 50 < 1) and the final x_0
         im.seek(im.n_frames - 1)
         assert im.info["duration"] == 2000
     w, h = grid_size(4, 3 + 1, 8, figures.FIGURE_SIZE)  # splits at t = 20, 15, 10, 5: x_t and 3 samples
     with Image.open("f/shared_latent.png") as im:
-        assert im.size == (w + common.LABEL_W, h + common.LABEL_H)
+        assert im.size == (w + figures.LABEL_W, h + figures.LABEL_H)
     w, h = grid_size(sample.PAIRS, 13, 8, figures.FIGURE_SIZE)  # Source, Rec., 0.1 ... 0.9, Rec., Source
     with Image.open("f/interpolation.png") as im:
-        assert im.size == (w, h + common.LABEL_H)
+        assert im.size == (w, h + figures.LABEL_H)
     w, h = grid_size(9, 13, 8, figures.FIGURE_SIZE)  # 0, T/8, ..., T steps
     with Image.open("f/coarse_to_fine.png") as im:
-        assert im.size == (w + 64, h + common.LABEL_H)
+        assert im.size == (w + 64, h + figures.LABEL_H)
 
 
 def test_figures_of_a_folder_with_a_tiny_test_split(monkeypatch):
@@ -161,7 +161,7 @@ def test_figures_of_a_folder_with_a_tiny_test_split(monkeypatch):
                                     "--out", "f"]) == 0
     assert run("--checkpoint", "f", "--n", "2", "--figures", "--out", "s") == 0
     with Image.open("s/interpolation.png") as im:
-        assert im.size[1] == grid_size(1, 13, 8, figures.FIGURE_SIZE)[1] + common.LABEL_H
+        assert im.size[1] == grid_size(1, 13, 8, figures.FIGURE_SIZE)[1] + figures.LABEL_H
 
 
 def linear_model(x, t):

@@ -239,35 +239,23 @@ class LossLog:
 
 
 def read_rows(path):
-    """The whole, well-formed rows of a loss.csv (none if it is missing)."""
+    """The whole, well-formed rows of a loss.csv (none if it is missing; a row torn by a kill is skipped)."""
+    def whole(r):
+        try:
+            int(r["step"]), float(r["loss"])
+            return True
+        except (TypeError, ValueError, KeyError):
+            return False
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    ok = []
-    for r in rows:
-        try:
-            int(r["step"]), float(r["loss"])
-            ok.append(r)
-        except (TypeError, ValueError, KeyError):
-            continue
-    return ok
+        return [r for r in csv.DictReader(f) if whole(r)]
 
 
 def write_loss_plot(csv_path, png_path, objective="simple"):
-    plt = figures.pyplot()
-    rows = read_rows(csv_path)
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps, losses = [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
-    ax.plot(steps, losses)
-    label = "L_simple (mean over dims)" if objective == "simple" else "T L_{t-1} (bits/dim)"
-    ax.set(xlabel="step", ylabel=label, yscale="log" if min(losses) > 0 else "linear",
-           title="training loss")
-    fig.tight_layout()
-    figures.save_plot(fig, png_path)
-    plt.close(fig)
+    if rows := read_rows(csv_path):
+        label = "L_simple (mean over dims)" if objective == "simple" else "T L_{t-1} (bits/dim)"
+        figures.loss_plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], label, png_path)
 
 
 # ---- Algorithm 1 ----------------------------------------------------------------------------------
