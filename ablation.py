@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(r[0] for r in ROWS)}")
     p.add_argument("--out", default=os.path.join(common.RUNS, "ablation"), help="default runs/ablation")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", choices=common.AMP, default="auto", help="the programs' --amp (default auto: bf16 "
+                   "on a CPU with native bfloat16)")
     args = p.parse_args(argv)
     names = [r[0] for r in ROWS]
     wanted = args.rows.split(",") if args.rows else names
@@ -114,10 +116,11 @@ def run_row(row, seed, args, where):
             and os.path.exists(os.path.join(where, "samples.png")):
         code, last, stop = 0, "", False
     elif os.path.exists(ckpt):
-        code, last, stop = call("train.py", "--resume", where, "--steps", args.steps, "--device", args.device)
+        code, last, stop = call("train.py", "--resume", where, "--steps", args.steps, "--device", args.device,
+                                "--amp", args.amp)
     else:
         code, last, stop = call("train.py", *row[3], "--steps", args.steps, "--seed", seed, "--T", args.T,
-                                "--out", where, "--device", args.device)
+                                "--out", where, "--device", args.device, "--amp", args.amp)
     if stop or code == 130:
         raise KeyboardInterrupt
     if code == common.DIVERGED:
@@ -127,9 +130,10 @@ def run_row(row, seed, args, where):
         raise UsageError(f"train.py failed on row {row[0]} (exit {code}): {last}")
     n_test = ["--n-test", args.n_test] if args.n_test else []
     for program, argv in [("evaluate.py", ["--checkpoint", where, *n_test, "--n-samples", args.n_samples,
-                                           "--out", where, "--force", "--device", args.device]),
+                                           "--draws", 1, "--out", where, "--force", "--device", args.device,
+                                           "--amp", args.amp]),
                           ("sample.py", ["--checkpoint", where, "--n", STRIP, "--out", os.path.join(where, "strip"),
-                                         "--force", "--device", args.device])]:
+                                         "--force", "--device", args.device, "--amp", args.amp])]:
         code, last, stop = call(program, *argv)
         if stop or code == 130:
             raise KeyboardInterrupt

@@ -3,6 +3,9 @@
 unet: forward+backward images/s of our network against diffusers' UNet2DModel of the same
 configuration (the format of the authors' ported weights), measured side by side in one
 process with the repeats interleaved, so background load hits both alike; medians reported.
+modes: our network's training step and sampling call in bf16 autocast and/or torch.compile,
+as ratios against fp32 eager, interleaved in one process (and what compiling costs up front).
+sample: the sampler's overhead around the network.
 """
 import argparse
 import ctypes
@@ -148,7 +151,6 @@ def bench_unet(args):
 def bench_sample(args):
     """sample.py's Algorithm 2: 64 digits, all 1,000 steps, against its baseline, the same 1,000
     network calls alone, so the ratio is what the sampler adds around the network."""
-    import sample
     device = common.pick_device(args.device or "auto")
     print(f"== sample: 64 digits x 1000 steps on {device} ({torch.get_num_threads()} threads), "
           f"median of {max(1, args.repeats // 2)} interleaved repeats")
@@ -156,13 +158,13 @@ def bench_sample(args):
     torch.manual_seed(0)
     model, diffusion = unet.build("digits").to(device).eval(), Diffusion()
     x = torch.randn(64, 1, 8, 8, device=device)
-    times = {"sample.generate": [], "network alone": []}
+    times = {"common.generate": [], "network alone": []}
     with torch.inference_mode():
         for _ in range(max(1, args.repeats // 2)):
             start = time.perf_counter()
-            sample.generate(model, diffusion, 64, device=device, progress=False)
+            common.generate(model, diffusion, 64, device=device, progress=False)
             sync(device)
-            times["sample.generate"].append(time.perf_counter() - start)
+            times["common.generate"].append(time.perf_counter() - start)
             start = time.perf_counter()
             for t in range(diffusion.T, 0, -1):
                 model(x, t)
@@ -171,10 +173,65 @@ def bench_sample(args):
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"  {k:16s} {v:6.1f} s")
-    print(f"  ratio sampler/network: {med['sample.generate'] / med['network alone']:.3f} (1.0: no overhead)")
+    print(f"  ratio sampler/network: {med['common.generate'] / med['network alone']:.3f} (1.0: no overhead)")
 
 
-SECTIONS = {"unet": bench_unet, "sample": bench_sample}
+def bench_modes(args):
+    """fp32 eager (the baseline) against bf16 autocast, torch.compile, both (and channels-last on CUDA)
+    for a training step (forward+backward, batch --batch or the unet case's) and a sampling call (no grad,
+    a batch of 500 for digits): ratios of medians; compile's one-off cost; bf16's largest output error."""
+    device = common.pick_device(args.device or "auto")
+    preset = args.preset or "digits"
+    batch = args.batch or dict(UNET_CASES)[preset]
+    print(f"== modes: the {preset} network on {device} ({torch.get_num_threads()} threads), train batch {batch}, "
+          f"sampling batch {4 * batch if preset == 'digits' else batch}; median of {args.repeats} interleaved "
+          f"repeats; native bf16: {common.native_bf16(device)}")
+    warn_if_busy()
+    torch.manual_seed(0)
+    model = unet.build(preset).to(device)
+    cfg = model.config
+    x = torch.randn(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"], device=device)
+    t = torch.randint(1, cfg["T"] + 1, (batch,), device=device)
+    xs = torch.randn(4 * batch if preset == "digits" else batch, *x.shape[1:], device=device)
+    ts = torch.full((len(xs),), cfg["T"] // 2, device=device)
+    compiled = torch.compile(model)
+    modes = {"fp32 eager": (model, None), "bf16 eager": (model, torch.bfloat16),
+             "fp32 compile": (compiled, None), "bf16 compile": (compiled, torch.bfloat16)}
+
+    @torch.inference_mode()
+    def sample_call(net, amp):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return net(xs, ts).float()
+
+    warmup = {}
+    for name, (net, amp) in modes.items():  # the first calls compile (a training and an inference graph)
+        start = time.perf_counter()
+        fwd_bwd(net, net, x, t, amp)
+        sample_call(net, amp)
+        sync(device)
+        warmup[name] = time.perf_counter() - start
+    reference = sample_call(model, None)
+    err = {name: ((sample_call(net, amp) - reference).abs().max() / reference.abs().max()).item()
+           for name, (net, amp) in modes.items()}
+    times = {name: ([], []) for name in modes}
+    for _ in range(args.repeats):
+        for name, (net, amp) in modes.items():
+            for k, call in enumerate((lambda: fwd_bwd(net, net, x, t, amp), lambda: sample_call(net, amp))):
+                start = time.perf_counter()
+                for _ in range(3):
+                    call()
+                sync(device)
+                times[name][k].append((time.perf_counter() - start) / 3)
+    base = [statistics.median(v) for v in times["fp32 eager"]]
+    print(f"  {'mode':13s} {'train step':>12s} {'ratio':>6s} {'sampling call':>14s} {'ratio':>6s} "
+          f"{'first calls':>12s}  largest error of the output (relative to fp32)")
+    for name, (train, sampling) in times.items():
+        tr, sa = statistics.median(train), statistics.median(sampling)
+        print(f"  {name:13s} {1000 * tr:9.1f} ms {base[0] / tr:6.2f} {1000 * sa:11.1f} ms {base[1] / sa:6.2f} "
+              f"{warmup[name]:10.1f} s  {err[name]:.1e}")
+
+
+SECTIONS = {"unet": bench_unet, "modes": bench_modes, "sample": bench_sample}
 
 
 def main():
@@ -184,7 +241,8 @@ def main():
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per model (default 7)")
     p.add_argument("--batch", type=int, help="override every case's batch size")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
-    p.add_argument("--amp", choices=["bf16", "fp16"], help="autocast both networks (default: fp32)")
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="unet: autocast both networks (default: fp32)")
+    p.add_argument("--preset", choices=list(dict(UNET_CASES)), help="modes: the network (default digits)")
     p.add_argument("--channels-last", action="store_true",
                    help="run both networks in channels_last (NHWC); on this 2-core CPU it was no faster")
     args = p.parse_args()

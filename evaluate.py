@@ -53,9 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--sigma", choices=["beta", "beta_tilde"], help="sigma_t^2 (default: the checkpoint's)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip x0_hat to [-1, 1] "
                    "in the bound's means, as the authors' evaluation (default on)")
-    p.add_argument("--n-samples", type=common.number(int, 0), default=1000, help="samples to generate for the Frechet "
-                   "distance "
-                   "(Algorithm 2 with clipping; default 1000; 0: no sample quality)")
+    p.add_argument("--n-samples", type=common.number(int, 0), default=1000, help="samples per draw for the Frechet "
+                   "distance (Algorithm 2 with clipping; default 1000; 0: no sample quality)")
+    p.add_argument("--draws", type=common.positive(), default=3, help="independent draws of --n-samples samples: "
+                   "every quality number is their mean, with the range (default 3)")
+    p.add_argument("--amp", choices=common.AMP, default="auto", help="autocast the network while "
+                   "sampling: auto is bf16 on a CPU with native bfloat16 (the bound is always float32)")
     p.add_argument("--samples", help="instead: sample.py's folder, an .npz (arr_0: uint8 NHWC) or PNGs folder")
     p.add_argument("--seed", type=int, default=0, help="seed for the subset, the noise and the classifier")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
@@ -107,7 +110,7 @@ def frechet_distance(a, b):
     with warnings.catch_warnings():  # dead ReLU features make S singular; the root is still fine
         warnings.simplefilter("ignore")
         root = linalg.sqrtm(s_a @ s_b).real
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
+    return mean_term(a, b) + float(np.trace(s_a + s_b - 2 * root))
 
 
 def train_classifier(x, y, seed, steps=1000, batch=128):
@@ -280,27 +283,32 @@ def evaluate_quality(e, args, device):
     def record(t, x_t, x0_hat):
         if (e.diffusion.T - t) % every == 0 or t == 1:  # keyed by the reverse steps taken to reach x_t
             steps[e.diffusion.T - t] = x0_hat.cpu()
-    if e.samples is None:  # the authors' sampler, with the weights evaluated above
-        x = common.generate(e.model, e.diffusion, args.n_samples, args.batch_size, args.seed + 1, device, clip=True,
-                            callback=record if e.by_classifier else None)
+    if e.samples is None:  # the authors' sampler, with the weights evaluated above; draw k has seed + 1 + k
+        draws = [common.generate(e.model, e.diffusion, args.n_samples, args.batch_size, args.seed + 1 + k, device,
+                                 clip=True, callback=record if e.by_classifier and k == 0 else None, amp=e.amp)
+                 for k in range(args.draws)]
         source = f"generated: Algorithm 2 with clipping, {'raw' if args.no_ema else 'EMA'} weights"
     else:
-        x, source = common.to_model_range(e.samples, 256), args.samples
-    q = dict(samples=source, n_samples=len(x), sampling_seconds=round(time.time() - t0, 1))
+        draws, source = [common.to_model_range(e.samples, 256)], args.samples
+    x = draws[0]
+    q = dict(samples=source, n_samples=len(x), draws=len(draws), sampling_seconds=round(time.time() - t0, 1))
     if not e.by_classifier:
         q.update(metric="torch-fidelity FID and IS (Inception-v3), against the training split",
                  **inception_metrics(e.samples, e.train, device))
         print(f"{len(x)} samples vs the {len(e.train)} training images: FID {q['fid']:.2f}, "
               f"IS {q['inception_score']:.2f} ± {q['inception_score_std']:.2f}")
         return dict(q, seconds=round(time.time() - t0, 1))
-    measure = digit_metrics(e)
-    q.update(measure(x), metric="Frechet distance in digit-classifier features (not Inception FID)")
+    measure, base = digit_metrics(e, len(x), len(draws))
+    q.update(base, **over_draws([measure(d) for d in draws]),
+             metric="Frechet distance in digit-classifier features (not Inception FID)")
     print(f"Frechet distance in the features of a classifier trained here (test accuracy "
-          f"{q['classifier_test_accuracy']:.1%}; NOT the Inception FID): {len(x)} samples vs {len(e.test)} test "
-          f"images {q['frechet_distance']:.3f}, floor (train vs test) {q['floor_train_vs_test']:.3f}; "
-          f"confidently classified (p > 0.9): samples {q['confident']:.1%}, test images {q['confident_test']:.1%}")
+          f"{q['classifier_test_accuracy']:.1%}; NOT the Inception FID), {len(draws)} draw(s) of {len(x)} samples vs "
+          f"{len(e.test)} test images: {spread(q, 'frechet_distance', '{:.3f}')}, of which the mean term "
+          f"{spread(q, 'frechet_mean_term', '{:.3f}')}; floor ({q['floor_n_train']} training images vs test) "
+          f"{spread(q, 'floor_train_vs_test', '{:.3f}')}\nconfidently classified (p > 0.9): samples "
+          f"{spread(q, 'confident', '{:.1%}')}, test images {q['confident_test']:.1%}")
     train, test = (common.to_model_range(v, e.levels) for v in (e.train, e.test))
-    q["memorisation"] = figures.memorisation(quantize(x, e.levels), train, test)
+    q["memorisation"] = figures.memorisation(quantize(torch.cat(draws), e.levels), train, test)
     print(f"median distance to the nearest training image: samples / test images = "
           f"{q['memorisation']['ratio']:.2f} (well below 1 would mean copying)")
     common.save_image(figures.nearest_figure(quantize(x, e.levels), train), e.files["nearest"])
@@ -312,32 +320,60 @@ def evaluate_quality(e, args, device):
     return dict(q, seconds=round(time.time() - t0, 1))
 
 
-def digit_metrics(e):
-    """measure(x): a classifier's numbers for samples x in [-1, 1] (trained once, here): Frechet distance,
-    its floor, the confident fraction of samples and of test images, the classifier's test accuracy."""
+def digit_metrics(e, n, draws):
+    """(measure, base): measure(x) gives a classifier's numbers for samples x in [-1, 1] (the classifier is
+    trained once, here): Frechet distance, its mean term, the confident fraction. base: the floor -- the
+    Frechet distance of `draws` random sets of n training images (all of them if fewer) to the test images,
+    since the distance of a finite set grows as it shrinks -- the confident fraction of test images and
+    the classifier's test accuracy."""
     x_tr, x_te = common.to_model_range(e.train, e.levels), common.to_model_range(e.test, e.levels)
     features, head = train_classifier(x_tr, e.train_labels, e.seed)
+    n = min(n, len(x_tr))
+    g = torch.Generator().manual_seed(e.seed)
     with torch.no_grad():
-        base = dict(floor_train_vs_test=frechet_distance(features(x_tr).numpy(), f_te := features(x_te).numpy()),
+        f_tr, f_te = features(x_tr).numpy(), features(x_te).numpy()
+        floors = [frechet_distance(f_tr[torch.randperm(len(f_tr), generator=g)[:n].numpy()], f_te)
+                  for _ in range(draws if n < len(x_tr) else 1)]
+        base = dict(floor_train_vs_test=float(np.mean(floors)), floor_train_vs_test_draws=floors, floor_n_train=n,
                     confident_test=confident(head, features, x_te),
                     classifier_test_accuracy=(head(features(x_te)).argmax(1) == e.labels).float().mean().item())
 
     @torch.no_grad()
     def measure(x):
-        x = quantize(x, e.levels)
-        return dict(base, frechet_distance=frechet_distance(features(x).numpy(), f_te),
-                    confident=confident(head, features, x))
-    return measure
+        f = features(quantize(x, e.levels)).numpy()
+        return dict(frechet_distance=frechet_distance(f, f_te), frechet_mean_term=mean_term(f, f_te),
+                    confident=confident(head, features, quantize(x, e.levels)))
+    return measure, base
+
+
+def mean_term(a, b):
+    """||mu_a - mu_b||^2, the part of the Frechet distance that the average features make."""
+    return float(((np.asarray(a, np.float64).mean(0) - np.asarray(b, np.float64).mean(0)) ** 2).sum())
+
+
+def over_draws(results):
+    """Each number's mean over independent draws, and the list of draws as <name>_draws."""
+    return {k: v for name in results[0] for k, v in
+            [(name, float(np.mean([r[name] for r in results]))), (f"{name}_draws", [r[name] for r in results])]}
+
+
+def spread(q, name, fmt):
+    """'mean' for one draw; 'mean (lo-hi)' over several."""
+    values = q.get(f"{name}_draws", [q[name]])
+    mean = fmt.format(q[name])
+    return mean if len(values) < 2 else f"{mean} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def main(argv=None):
     args = parse_args(argv)
     e = setup(args)
     device = common.pick_device(args.device)
+    e.amp = common.pick_amp(args.amp, device)
     e.model.to(device)
     results = dict(checkpoint=e.path, step=e.step, dataset=e.name, T=e.diffusion.T, levels=e.levels,
                    ema=not args.no_ema and not args.pretrained, predict=e.diffusion.predict,
-                   sigma=e.diffusion.sigma, clip=args.clip, seed=args.seed, device=str(device))
+                   sigma=e.diffusion.sigma, clip=args.clip, seed=args.seed, device=str(device),
+                   amp_sampling=common.amp_name(e.amp))
     os.makedirs(e.out, exist_ok=True)
     start = time.time()
     if e.n_test:

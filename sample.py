@@ -41,6 +41,8 @@ def parse_args(argv=None):
                    "checkpoint's, else beta; pretrained: beta at 32x32, beta_tilde at 256x256, as the authors)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip x0_hat to [-1, 1] "
                    "(default on, as the authors' sampler; --no-clip is exactly Algorithm 2)")
+    p.add_argument("--amp", choices=common.AMP, default="auto", help="autocast the network: auto "
+                   "(default) is bf16 on a CPU with native bfloat16 (about 1.5x faster there), else off (float32)")
     p.add_argument("--figures", action="store_true", help="also write the paper's figures: reverse.png (Fig. 6), "
                    "forward.png, denoising.gif, shared_latent.png (Fig. 7), interpolation.png (8), "
                    "coarse_to_fine.png (9)")
@@ -145,17 +147,19 @@ def figure_data(args, config):
 def main(argv=None):
     args = parse_args(argv)
     device = common.pick_device(args.device)
+    amp = common.pick_amp(args.amp, device)
     model, diffusion, config, run_dir = load(args)
     out = output_dir(args, run_dir)
     figs = Figures(diffusion, figure_data(args, config), args.seed) if args.figures else None
     batch_size = args.batch_size or (64 if model.image_size <= 64 else 4)  # 256x256 activations are large
     start = time.time()
-    x = common.generate(model.to(device), diffusion, args.n, batch_size, args.seed, device, args.clip, figs)
+    x = common.generate(model.to(device), diffusion, args.n, batch_size, args.seed, device, args.clip, figs, amp=amp)
     seconds = time.time() - start
     written = write_samples(x, out) + (figs.write(x, out, model, args.clip, device) if figs else [])
     weights = "pretrained" if args.pretrained else "raw" if args.no_ema else "EMA"
     print(f"{args.n} images in {seconds:.1f} s ({weights} weights, T={diffusion.T}, sigma^2={diffusion.sigma}, "
-          f"clip {'on' if args.clip else 'off'}, seed {args.seed}, {device}); wrote {out}/: {', '.join(written)}")
+          f"clip {'on' if args.clip else 'off'}, seed {args.seed}, {device}, {common.amp_name(amp)}); "
+          f"wrote {out}/: {', '.join(written)}")
 
 
 if __name__ == "__main__":

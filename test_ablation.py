@@ -7,7 +7,8 @@ import pytest
 import ablation
 from conftest import run_program
 
-QUICK = ["--steps", "3", "--T", "10", "--n-test", "8", "--n-samples", "10", "--device", "cpu", "--out", "a"]
+QUICK = ["--steps", "3", "--T", "10", "--n-test", "8", "--n-samples", "10", "--device", "cpu", "--amp", "off",
+         "--out", "a"]
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 import train
 import unet
 
-FAST = ["--n-test", "16", "--n-samples", "16", "--batch-size", "16", "--device", "cpu"]
+FAST = ["--n-test", "16", "--n-samples", "16", "--batch-size", "16", "--device", "cpu", "--amp", "off"]
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,21 @@ def test_classifier_is_deterministic_and_accurate():
     assert 0 < floor < noise / 10
 
 
+def test_the_floor_is_measured_at_the_samples_size_and_falls_as_it_grows():
+    """The Frechet distance of a finite set is biased upward, more for fewer images, so the floor a
+    perfect model reaches is the training images' distance at the samples' own number."""
+    train_x, train_y, levels = common.load_dataset("digits", "train")
+    test_x, test_y, _ = common.load_dataset("digits", "test")
+    e = SimpleNamespace(train=train_x, test=test_x, train_labels=train_y, labels=test_y, levels=levels, seed=0)
+    floors = {n: evaluate.digit_metrics(e, n, draws=3)[1] for n in (100, 400, 1500, 5000)}
+    assert floors[100]["floor_train_vs_test"] > floors[400]["floor_train_vs_test"] > floors[1500]["floor_train_vs_test"]
+    assert len(set(floors[400]["floor_train_vs_test_draws"])) == 3  # three different sets of 400
+    assert floors[5000]["floor_n_train"] == 1500 and floors[5000]["floor_train_vs_test_draws"] == \
+        floors[1500]["floor_train_vs_test_draws"]  # all 1,500: one set, whatever the number of draws
+    assert evaluate.over_draws([dict(a=1.0), dict(a=3.0)]) == dict(a=2.0, a_draws=[1.0, 3.0])
+    assert evaluate.spread(dict(a=2.0, a_draws=[1.0, 3.0]), "a", "{:.1f}") == "2.0 (1.0-3.0)"
+
+
 # ---- the program ---------------------------------------------------------------------------------
 def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
     assert run("--checkpoint", ckpt_path, "--out", "o", *FAST) == 0
@@ -175,6 +191,11 @@ def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
     assert b["rate_bpd"][0] + b["L_0"] == pytest.approx(b["total_bpd"], rel=1e-9)
     assert 0 < b["distortion_rmse"][0] < b["distortion_rmse"][-1] <= 16  # RMSE on the digits' 0..16 scale
     assert [p["reverse_steps"] for p in q["x0_hat_quality"]] == list(range(20))  # Fig. 10: T // 20 = 1
+    assert q["draws"] == 3 and len(set(q["frechet_distance_draws"])) == 3  # three independent draws (seeds)
+    for name in ("frechet_distance", "frechet_mean_term", "confident", "floor_train_vs_test"):
+        assert q[name] == pytest.approx(np.mean(q[f"{name}_draws"]), rel=1e-12)
+    assert all(0 < m < f for m, f in zip(q["frechet_mean_term_draws"], q["frechet_distance_draws"]))
+    assert q["floor_n_train"] == 16  # the floor at the samples' own size
     assert q["memorisation"]["ratio"] > 0 and q["memorisation"]["median_test_to_train"] > 0
     for f in ("rate_distortion.png", "x0_quality.png", "nearest.png"):
         assert os.path.getsize(os.path.join("o", f)) > 1000, f
@@ -188,6 +209,7 @@ def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
     assert run("--checkpoint", ckpt_path, "--out", "o", *FAST, "--samples", "s.npz", "--n-test", "0", "--force") == 0
     r = json.load(open("o/results.json"))
     assert "bound" not in r and r["quality"]["n_samples"] == 297 and abs(r["quality"]["frechet_distance"]) < 1e-4
+    assert r["quality"]["draws"] == 1 and r["quality"]["floor_n_train"] == 297  # given samples: one draw
     os.makedirs("pngs")  # or a folder of PNGs
     for i, digit in enumerate(test[:20, 0]):
         Image.fromarray((digit.float() * 255 / 16).round().to(torch.uint8).numpy()).save(f"pngs/{i:03d}.png")

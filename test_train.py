@@ -59,6 +59,48 @@ def test_resume_is_bitwise_exact():
     assert all(split[r["step"]] == r["loss"] for r in rows("straight"))
 
 
+def test_learning_rate_warms_up_then_stays_or_follows_a_cosine_to_zero():
+    c = dict(lr=2.0, warmup=10, schedule="constant")
+    assert train.learning_rate(c, 0, 0.0) == 0.2 and train.learning_rate(c, 4, 0.9) == 1.0
+    assert train.learning_rate(c, 9, 0.0) == train.learning_rate(c, 500, 1.0) == 2.0
+    c["schedule"] = "cosine"
+    for done, factor in [(0.0, 1.0), (0.25, (1 + 2 ** -0.5) / 2), (0.5, 0.5), (1.0, 0.0), (1.5, 0.0)]:
+        assert abs(train.learning_rate(c, 100, done) - 2.0 * factor) < 1e-12
+    assert abs(train.learning_rate(c, 4, 0.5) - 0.5) < 1e-12  # warm-up and decay multiply
+
+
+def test_minutes_trains_for_the_time_spent_and_resumes_with_a_larger_budget(capsys):
+    assert run(*TINY, "--minutes", "0.02", "--schedule", "cosine", "--warmup", "2", "--out", "r") == 0
+    first = common.load_checkpoint("r")
+    assert 1.2 <= first["seconds"] < 1.2 + 1.0 and first["step"] > 5 and first["config"]["minutes"] == 0.02
+    assert float(rows("r")[-1]["lr"]) < 0.01 * train.CONFIGS["digits"]["lr"]  # decayed to ~0 at the end
+    capsys.readouterr()
+    assert run("--resume", "r") == 2 and "pass a larger --minutes" in capsys.readouterr().err
+    assert run("--resume", "r", "--minutes", "0.04") == 0
+    second = common.load_checkpoint("r")
+    assert 2.4 <= second["seconds"] < 2.4 + 1.0 and second["step"] > first["step"]
+    seconds = [float(r["seconds"]) for r in rows("r")]
+    assert seconds == sorted(seconds) and seconds[-1] >= 2.4  # one clock across the two sessions
+    assert run("--resume", "r", "--steps", str(second["step"] + 3)) == 0  # --steps turns it back into steps
+    assert common.load_checkpoint("r")["step"] == second["step"] + 3
+
+
+def test_bf16_autocast_trains_on_the_cpu(capsys):
+    assert run(*TINY, "--steps", "20", "--lr", "2e-3", "--warmup", "5", "--amp", "bf16", "--out", "r") == 0
+    assert "bfloat16" in capsys.readouterr().out
+    losses = [float(r["loss"]) for r in rows("r")]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(v.dtype == torch.float32 for v in common.load_checkpoint("r")["model"].values())  # weights stay fp32
+
+
+def test_amp_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "native_bf16", lambda device: True)
+    assert common.pick_amp("auto", cpu) == torch.bfloat16 and common.pick_amp("off", cpu) is None
+    monkeypatch.setattr(common, "native_bf16", lambda device: False)
+    assert common.pick_amp("auto", cpu) is None and common.pick_amp("bf16", cpu) == torch.bfloat16
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(monkeypatch):
     assert run(*TINY, "--steps", "5", "--out", "r") == 0
     before = common.load_checkpoint("r")["step"]
@@ -124,7 +166,7 @@ def test_a_finished_run_without_its_grid_gets_it_on_resume(capsys):
 def test_the_grid_is_the_one_sample_py_draws_with_the_run_seed():
     import sample
     assert run(*TINY, "--steps", "3", "--seed", "5", "--out", "r") == 0
-    assert run_program(sample.main, ["--checkpoint", "r", "--n", "4", "--seed", "5", "--out", "s"]) == 0
+    assert run_program(sample.main, ["--checkpoint", "r", "--n", "4", "--seed", "5", "--out", "s", "--amp", "off"]) == 0
     with Image.open("r/samples.png") as a, Image.open("s/grid.png") as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -179,6 +221,10 @@ def test_folder_of_images(tmp_path):
     (["--resume", "r", "--out", "elsewhere"], "leave out --out and --config"),
     (["--out", "logs"], "already holds loss.csv"),
     (["--resume", "no-optimizer.pt"], "cannot be resumed: it holds no optimizer"),
+    (["--minutes", "0"], "must be positive"), (["--minutes", "nan"], "must be positive"),
+    (["--minutes", "1"], "--minutes replaces --steps"),
+    (["--amp", "fp16"], "--amp fp16 is not supported on cpu"),
+    (["--schedule", "linear"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert run(*TINY, "--steps", "2", "--out", "r") == 0

@@ -44,8 +44,12 @@ CONFIGS = {
 NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
 for c in CONFIGS.values():  # the paper's choices (Sec. 3.2, Table 2's last row) unless a flag says otherwise
     c.update(dict.fromkeys(NETWORK_KEYS), predict="eps", objective="simple", sigma="beta")
+    c.setdefault("minutes", None)  # a wall-clock budget instead of --steps
+    c.setdefault("schedule", "constant")
+LATER_KEYS = dict(minutes=None, schedule="constant")  # what checkpoints written before these flags meant
 # What a checkpoint's weights depend on: a resumed run may not change these.
 MODEL_KEYS = ("dataset", "preset", "image_size", "T", "predict", "objective", "sigma", *NETWORK_KEYS)
+SCHEDULES = ("constant", "cosine")
 DIVERGED = common.DIVERGED  # exit code for a NaN or infinite loss or gradient (ablation.py: "unstable")
 
 
@@ -80,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--sigma", choices=SIGMA, help="reverse variance: beta (default), beta_tilde, or learned "
                    "(needs --objective vlb)")
     p.add_argument("--steps", type=positive(), help="total optimizer steps")
+    p.add_argument("--minutes", type=positive(float), help="instead of --steps: train for this much wall-clock time "
+                   "(the learning-rate schedule follows the time spent)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning rate after warm-up: constant (the paper's) or "
+                   "cosine (decays to 0 at the end of --steps or --minutes)")
     p.add_argument("--batch-size", type=positive(), help="global batch size (split across GPUs)")
     p.add_argument("--lr", type=positive(float), help="Adam learning rate after warm-up")
     p.add_argument("--warmup", type=number(int, 0), help="linear learning-rate warm-up steps")
@@ -97,7 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", help="continue a run: its directory or ckpt.pt "
                    "(default: the latest run)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="autocast on CUDA")
+    p.add_argument("--amp", choices=common.AMP, default="auto", help="autocast the network: auto "
+                   "(default) is bf16 on a CPU with native bfloat16, else off (float32); fp16: CUDA only")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     args = p.parse_args(argv)
@@ -113,7 +122,7 @@ def resolve_config(args, given):
         if args.out or args.config:
             raise UsageError("--resume continues a run where it is, with its own config: leave out --out and --config")
         path = common.latest_checkpoint() if args.resume == "latest" else args.resume
-        ckpt = common.load_checkpoint(path, needs=CONFIGS["digits"].keys())
+        ckpt = common.load_checkpoint(path, needs=CONFIGS["digits"].keys() - LATER_KEYS.keys())
         if missing := [k for k in ("optimizer", "step", "rng") if k not in ckpt]:
             raise UsageError(f"{path} cannot be resumed: it holds no {', '.join(missing)} (not written by train.py?)")
         for k in MODEL_KEYS:
@@ -121,8 +130,13 @@ def resolve_config(args, given):
                 raise UsageError(f"the checkpoint {path} was trained with --{k.replace('_', '-')} "
                                  f"{ckpt['config'][k]}, not {given[k]}: start a new run with another --out")
         out = (os.path.dirname(path) or ".") if path.endswith(".pt") else path
-        return {**ckpt["config"], **given}, out, ckpt
+        config = {**LATER_KEYS, **ckpt["config"], **given}
+        if "steps" in given and "minutes" not in given:  # --steps turns a --minutes run back into a step count
+            config["minutes"] = None
+        return config, out, ckpt
     args.config = args.config or "digits"
+    if "steps" in given and "minutes" in given:
+        raise UsageError("--minutes replaces --steps: give one of them")
     config = {**CONFIGS[args.config], "config": args.config, **given}
     if config["preset"] not in unet.PRESETS:
         raise UsageError(f"unknown preset {config['preset']!r}: use one of {', '.join(unet.PRESETS)}")
@@ -187,7 +201,8 @@ def build(config, ckpt, device, images, levels, rank, path=None):
     except ValueError as e:
         raise UsageError(f"{e} (dataset {config['dataset']} has {channels}x{size}x{size} images)") from None
     model.to(device)
-    s = SimpleNamespace(model=model, ema=copy.deepcopy(model).requires_grad_(False).eval(), step=0, levels=levels,
+    s = SimpleNamespace(model=model, ema=copy.deepcopy(model).requires_grad_(False).eval(), step=0, seconds=0.0,
+                        levels=levels,
                         diffusion=common.make_diffusion(config),
                         opt=torch.optim.Adam(model.parameters(), lr=config["lr"], foreach=True),
                         noise_gen=torch.Generator(device).manual_seed(config["seed"] + 1))
@@ -195,7 +210,7 @@ def build(config, ckpt, device, images, levels, rank, path=None):
         common.restore(s.model, ckpt["model"], path)
         common.restore(s.ema, ckpt["ema"], path, "EMA weights")
         common.restore(s.opt, ckpt["optimizer"], path, "optimizer state")
-        s.step = ckpt["step"]
+        s.step, s.seconds = ckpt["step"], ckpt.get("seconds", 0.0)
         try:
             s.noise_gen.set_state(ckpt["rng"]["noise"])
         except RuntimeError:
@@ -211,7 +226,7 @@ def build(config, ckpt, device, images, levels, rank, path=None):
 
 def save(s, config, out, device):
     state = {"model": s.model.state_dict(), "ema": s.ema.state_dict(), "optimizer": s.opt.state_dict(),
-             "step": s.step, "config": config, "model_config": s.model.config,
+             "step": s.step, "seconds": s.seconds, "config": config, "model_config": s.model.config,
              "rng": {"noise": s.noise_gen.get_state(), "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
     common.save_checkpoint(state, os.path.join(out, common.CHECKPOINT))
@@ -285,9 +300,17 @@ def draw_batch(s, config, images, levels, rank, world, device):
     return x0, t[mine], noise[mine]
 
 
-def learning_rate(config, step):
-    """Linear warm-up to --lr, then constant (the authors' schedule)."""
-    return config["lr"] * min(1.0, (step + 1) / config["warmup"]) if config["warmup"] > 0 else config["lr"]
+def progress(s, config):
+    """How far the run is, from 0 to 1: by optimizer steps, or by training time under --minutes."""
+    return s.seconds / (60 * config["minutes"]) if config["minutes"] else s.step / config["steps"]
+
+
+def learning_rate(config, step, done):
+    """Linear warm-up to --lr over --warmup steps; then constant (the authors' schedule), or a cosine
+    decay to 0 at done = 1 (the end of the run, by steps or by time)."""
+    warm = min(1.0, (step + 1) / config["warmup"]) if config["warmup"] > 0 else 1.0
+    decay = 0.5 * (1 + math.cos(math.pi * min(done, 1.0))) if config["schedule"] == "cosine" else 1.0
+    return config["lr"] * warm * decay
 
 
 @torch.no_grad()
@@ -305,7 +328,7 @@ class Diverged(Exception):
 def train_step(s, net, config, batch, amp, scaler, world):
     """One gradient step of Algorithm 1 on the objective; returns the batch's loss (averaged over processes)."""
     x0, t, noise = batch
-    lr = learning_rate(config, s.step)
+    lr = learning_rate(config, s.step, progress(s, config))
     for group in s.opt.param_groups:
         group["lr"] = lr
     with torch.autocast(x0.device.type, dtype=amp, enabled=amp is not None):
@@ -326,44 +349,57 @@ def train_step(s, net, config, batch, amp, scaler, world):
     return loss_value, lr
 
 
-def sample_grid(s, config, n, path, device):
-    """The run's samples as `python sample.py --seed <the run's seed> --n n` draws them (EMA weights)."""
-    x = common.generate(s.ema, s.diffusion, n, seed=config["seed"], device=device, progress=False)
+def sample_grid(s, config, n, path, device, amp):
+    """The run's samples as `python sample.py --seed <the run's seed> --n n` (same --amp) draws them."""
+    x = common.generate(s.ema, s.diffusion, n, seed=config["seed"], device=device, progress=False, amp=amp)
     common.save_image(common.grid_image(x[:64]), path)
 
 
+def shared_clock(seconds, device, world):
+    """Process 0's training time on every process: under --minutes all of them must take the same
+    learning rate and stop at the same step."""
+    if world == 1:
+        return seconds
+    seconds = torch.tensor(seconds, dtype=torch.float64, device=device)
+    dist.broadcast(seconds, 0)
+    return seconds.item()
+
+
 def train(s, net, config, out, images, rank, world, device, amp):
-    """Steps until --steps or Ctrl-C, logging, checkpointing and drawing grids on the way. Returns True
-    when interrupted."""
+    """Steps until --steps (or --minutes) or Ctrl-C, logging, checkpointing and drawing grids on the way.
+    Returns True when interrupted."""
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     log = LossLog(os.path.join(out, "loss.csv"), keep_until=s.step) if rank == 0 else None
     stop = {"flag": False}
     previous = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))  # finish the step, save, exit
-    bar = tqdm(total=config["steps"], initial=s.step, disable=rank != 0, dynamic_ncols=True, unit="step")
-    t0 = time.time()
+    bar = tqdm(total=None if config["minutes"] else config["steps"], initial=s.step, disable=rank != 0,
+               dynamic_ncols=True, unit="step")
+    t0, seconds0, step0 = time.time(), s.seconds, s.step
     s.model.train()
     try:
-        while s.step < config["steps"]:
+        while progress(s, config) < 1:
             batch = draw_batch(s, config, images, s.levels, rank, world, device)
             loss, lr = train_step(s, net, config, batch, amp, scaler, world)
+            s.seconds = shared_clock(seconds0 + time.time() - t0, device, world)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
             stopping = any_process(stop["flag"], device, world)
             if rank == 0:
-                end = s.step == config["steps"]
+                end = progress(s, config) >= 1
                 if s.step % config["log_every"] == 0 or end:
-                    log.append(s.step, loss, lr, time.time() - t0)
+                    log.append(s.step, loss, lr, s.seconds)
                 if s.step % config["ckpt_every"] == 0 or end or stopping:
                     save(s, config, out, device)
                     write_loss_plot(log.path, os.path.join(out, "loss.png"), config["objective"])
                 if config["sample_every"] and s.step % config["sample_every"] == 0 and not end:
-                    sample_grid(s, config, 16, os.path.join(out, f"samples_{s.step:07d}.png"), device)
+                    sample_grid(s, config, 16, os.path.join(out, f"samples_{s.step:07d}.png"), device, amp)
             if stopping:
                 return True
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
-    print(f"trained {s.step} steps in {time.time() - t0:.0f} s; final loss {loss:.4f}")
+    print(f"trained {s.step - step0} steps in {time.time() - t0:.0f} s ({(s.step - step0) / (time.time() - t0):.1f} "
+          f"steps/s), {s.step} in all; final loss {loss:.4f}")
     return False
 
 
@@ -372,6 +408,7 @@ def main(argv=None):
     config, out, ckpt = resolve_config(args, given)
     common.check_writable(out)
     rank, world, device = start_processes(args)
+    amp = common.pick_amp(args.amp, device)
     if config["batch_size"] % world:
         raise UsageError(f"--batch-size {config['batch_size']} must be divisible by the number of processes ({world})")
     images, _, levels = common.load_dataset(config["dataset"], "train", config.get("image_size"), args.data_root)
@@ -379,28 +416,29 @@ def main(argv=None):
         raise UsageError(f"--batch-size {config['batch_size']} is larger than the dataset ({len(images)} images)")
     s = build(config, ckpt, device, images, levels, rank, out)
     grid = os.path.join(out, "samples.png")
-    if s.step >= config["steps"] and os.path.exists(grid):
-        raise UsageError(f"{out} is already trained to step {s.step}: pass a larger --steps to continue")
-    if s.step < config["steps"]:
-        run_training(s, args, config, out, images, rank, world, device)
+    if progress(s, config) >= 1 and os.path.exists(grid):
+        budget = f"{s.seconds / 60:.1f} minutes: pass a larger --minutes" if config["minutes"] else \
+            f"step {s.step}: pass a larger --steps"
+        raise UsageError(f"{out} is already trained to {budget} to continue")
+    if progress(s, config) < 1:
+        run_training(s, args, config, out, images, rank, world, device, amp)
     if rank == 0:  # also reached by --resume of a finished run that lost its grid
         print(f"drawing {config['n_samples']} samples from the EMA model...")
-        sample_grid(s, config, config["n_samples"], grid, device)
+        sample_grid(s, config, config["n_samples"], grid, device, amp)
         print(f"wrote {out}/{common.CHECKPOINT}, {grid}, loss.csv and loss.png")
 
 
-def run_training(s, args, config, out, images, rank, world, device):
-    """Wrap the network (DDP, compile, autocast), train, and turn a divergence or Ctrl-C into an exit code."""
+def run_training(s, args, config, out, images, rank, world, device, amp):
+    """Wrap the network (DDP, compile), train, and turn a divergence or Ctrl-C into an exit code."""
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         print(f"{config['dataset']}: {len(images)} training images {'x'.join(map(str, images.shape[1:]))}; "
               f"{config['preset']} network {sum(p.numel() for p in s.model.parameters()):,} parameters; "
               f"{config['predict']}, {config['objective']}, sigma^2 {config['sigma']}; {device}, {world} "
-              f"process(es); writing {out}/")
+              f"process(es), {common.amp_name(amp)}; writing {out}/")
     net = torch.nn.parallel.DistributedDataParallel(
         s.model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else s.model
     net = torch.compile(net) if args.compile else net
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
     try:
         interrupted = train(s, net, config, out, images.to(device), rank, world, device, amp)
     except Diverged as e:
