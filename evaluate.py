@@ -298,7 +298,7 @@ def evaluate_quality(e, args, device):
         print(f"{len(x)} samples vs the {len(e.train)} training images: FID {q['fid']:.2f}, "
               f"IS {q['inception_score']:.2f} ± {q['inception_score_std']:.2f}")
         return dict(q, seconds=round(time.time() - t0, 1))
-    measure, base = digit_metrics(e, len(x), len(draws))
+    measure, base = digit_metrics(e, len(x))
     q.update(base, **over_draws([measure(d) for d in draws]),
              metric="Frechet distance in digit-classifier features (not Inception FID)")
     print(f"Frechet distance in the features of a classifier trained here (test accuracy "
@@ -320,12 +320,15 @@ def evaluate_quality(e, args, device):
     return dict(q, seconds=round(time.time() - t0, 1))
 
 
-def digit_metrics(e, n, draws):
+FLOOR_SETS = 20  # random sets of training images the floor is averaged over (it costs no sampling)
+
+
+def digit_metrics(e, n):
     """(measure, base): measure(x) gives a classifier's numbers for samples x in [-1, 1] (the classifier is
     trained once, here): Frechet distance, its mean term, the confident fraction. base: the floor -- the
-    Frechet distance of `draws` random sets of n training images (all of them if fewer) to the test images,
-    since the distance of a finite set grows as it shrinks -- the confident fraction of test images and
-    the classifier's test accuracy."""
+    Frechet distance of FLOOR_SETS random sets of n training images (all of them if fewer) to the test
+    images, since the distance of a finite set grows as it shrinks -- the confident fraction of test
+    images and the classifier's test accuracy."""
     x_tr, x_te = common.to_model_range(e.train, e.levels), common.to_model_range(e.test, e.levels)
     features, head = train_classifier(x_tr, e.train_labels, e.seed)
     n = min(n, len(x_tr))
@@ -333,7 +336,7 @@ def digit_metrics(e, n, draws):
     with torch.no_grad():
         f_tr, f_te = features(x_tr).numpy(), features(x_te).numpy()
         floors = [frechet_distance(f_tr[torch.randperm(len(f_tr), generator=g)[:n].numpy()], f_te)
-                  for _ in range(draws if n < len(x_tr) else 1)]
+                  for _ in range(FLOOR_SETS if n < len(x_tr) else 1)]
         base = dict(floor_train_vs_test=float(np.mean(floors)), floor_train_vs_test_draws=floors, floor_n_train=n,
                     confident_test=confident(head, features, x_te),
                     classifier_test_accuracy=(head(features(x_te)).argmax(1) == e.labels).float().mean().item())

@@ -169,11 +169,11 @@ def test_the_floor_is_measured_at_the_samples_size_and_falls_as_it_grows():
     train_x, train_y, levels = common.load_dataset("digits", "train")
     test_x, test_y, _ = common.load_dataset("digits", "test")
     e = SimpleNamespace(train=train_x, test=test_x, train_labels=train_y, labels=test_y, levels=levels, seed=0)
-    floors = {n: evaluate.digit_metrics(e, n, draws=3)[1] for n in (100, 400, 1500, 5000)}
+    floors = {n: evaluate.digit_metrics(e, n)[1] for n in (100, 400, 1500, 5000)}
     assert floors[100]["floor_train_vs_test"] > floors[400]["floor_train_vs_test"] > floors[1500]["floor_train_vs_test"]
-    assert len(set(floors[400]["floor_train_vs_test_draws"])) == 3  # three different sets of 400
+    assert len(set(floors[400]["floor_train_vs_test_draws"])) == evaluate.FLOOR_SETS  # different sets of 400
     assert floors[5000]["floor_n_train"] == 1500 and floors[5000]["floor_train_vs_test_draws"] == \
-        floors[1500]["floor_train_vs_test_draws"]  # all 1,500: one set, whatever the number of draws
+        floors[1500]["floor_train_vs_test_draws"]  # all 1,500: one set
     assert evaluate.over_draws([dict(a=1.0), dict(a=3.0)]) == dict(a=2.0, a_draws=[1.0, 3.0])
     assert evaluate.spread(dict(a=2.0, a_draws=[1.0, 3.0]), "a", "{:.1f}") == "2.0 (1.0-3.0)"
 
@@ -192,7 +192,7 @@ def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
     assert 0 < b["distortion_rmse"][0] < b["distortion_rmse"][-1] <= 16  # RMSE on the digits' 0..16 scale
     assert [p["reverse_steps"] for p in q["x0_hat_quality"]] == list(range(20))  # Fig. 10: T // 20 = 1
     assert q["draws"] == 3 and len(set(q["frechet_distance_draws"])) == 3  # three independent draws (seeds)
-    for name in ("frechet_distance", "frechet_mean_term", "confident", "floor_train_vs_test"):
+    for name in ("frechet_distance", "frechet_mean_term", "confident", "floor_train_vs_test"):  # mean of draws
         assert q[name] == pytest.approx(np.mean(q[f"{name}_draws"]), rel=1e-12)
     assert all(0 < m < f for m, f in zip(q["frechet_mean_term_draws"], q["frechet_distance_draws"]))
     assert q["floor_n_train"] == 16  # the floor at the samples' own size

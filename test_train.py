@@ -48,7 +48,9 @@ def test_short_digits_run_lowers_the_loss_and_writes_its_files():
 
 
 def test_resume_is_bitwise_exact():
-    flags = [*TINY, "--dropout", "0.1", "--ckpt-every", "100"]  # dropout: the RNG state must be restored too
+    # dropout: the RNG state must be restored too. A constant learning rate: a decaying one follows --steps,
+    # so 9 steps and then 7 more is another schedule than 16 (a Ctrl-C'd run resumes exactly either way).
+    flags = [*TINY, "--dropout", "0.1", "--ckpt-every", "100", "--schedule", "constant"]
     assert run(*flags, "--steps", "16", "--out", "straight") == 0
     assert run(*flags, "--steps", "9", "--out", "split") == 0
     assert run("--resume", "split", "--steps", "16") == 0
@@ -91,6 +93,8 @@ def test_bf16_autocast_trains_on_the_cpu(capsys):
     losses = [float(r["loss"]) for r in rows("r")]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert all(v.dtype == torch.float32 for v in common.load_checkpoint("r")["model"].values())  # weights stay fp32
+    assert run("--resume", "r", "--steps", "22") == 0 and "bfloat16" in capsys.readouterr().out  # kept on resume
+    assert run("--resume", "r", "--steps", "24", "--amp", "off") == 0 and "float32" in capsys.readouterr().out
 
 
 def test_amp_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):

@@ -32,8 +32,8 @@ import unet
 # Every value can be overridden by a flag of the same name (see --help).
 CONFIGS = {
     # Ours: sklearn's 8x8 digits on a laptop CPU. Chosen by measurement (README, "Training").
-    "digits": dict(dataset="digits", preset="digits", image_size=None, steps=2000, batch_size=128, lr=2e-3,
-                   warmup=200, grad_clip=1.0, ema_decay=0.999, T=1000, flip=False,
+    "digits": dict(dataset="digits", preset="digits", image_size=None, steps=3000, batch_size=128, lr=2e-3,
+                   warmup=200, schedule="cosine", grad_clip=1.0, ema_decay=0.999, T=1000, flip=False,
                    log_every=50, ckpt_every=1000, sample_every=0, n_samples=64, seed=0),
     # The paper's CIFAR-10 recipe (Appendix B and the authors' run_cifar.py).
     "cifar10": dict(dataset="cifar10", preset="cifar10", image_size=None, steps=800_000, batch_size=128, lr=2e-4,
@@ -45,8 +45,9 @@ NETWORK_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout"
 for c in CONFIGS.values():  # the paper's choices (Sec. 3.2, Table 2's last row) unless a flag says otherwise
     c.update(dict.fromkeys(NETWORK_KEYS), predict="eps", objective="simple", sigma="beta")
     c.setdefault("minutes", None)  # a wall-clock budget instead of --steps
-    c.setdefault("schedule", "constant")
-LATER_KEYS = dict(minutes=None, schedule="constant")  # what checkpoints written before these flags meant
+    c.setdefault("schedule", "constant")  # the paper's; digits decays (README, "Better digits per CPU-minute")
+    c["amp"] = "auto"  # recorded, so that --resume keeps the run's arithmetic
+LATER_KEYS = dict(minutes=None, schedule="constant", amp="off")  # what checkpoints written before these flags meant
 # What a checkpoint's weights depend on: a resumed run may not change these.
 MODEL_KEYS = ("dataset", "preset", "image_size", "T", "predict", "objective", "sigma", *NETWORK_KEYS)
 SCHEDULES = ("constant", "cosine")
@@ -105,8 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", help="continue a run: its directory or ckpt.pt "
                    "(default: the latest run)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--amp", choices=common.AMP, default="auto", help="autocast the network: auto "
-                   "(default) is bf16 on a CPU with native bfloat16, else off (float32); fp16: CUDA only")
+    p.add_argument("--amp", choices=common.AMP, help="autocast the network: auto (default) is bf16 on a CPU "
+                   "with native bfloat16, else off (float32); fp16: CUDA only. --resume keeps the run's")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--data-root", default="data", help="where torchvision datasets are downloaded")
     args = p.parse_args(argv)
@@ -408,7 +409,7 @@ def main(argv=None):
     config, out, ckpt = resolve_config(args, given)
     common.check_writable(out)
     rank, world, device = start_processes(args)
-    amp = common.pick_amp(args.amp, device)
+    amp = common.pick_amp(config["amp"], device)
     if config["batch_size"] % world:
         raise UsageError(f"--batch-size {config['batch_size']} must be divisible by the number of processes ({world})")
     images, _, levels = common.load_dataset(config["dataset"], "train", config.get("image_size"), args.data_root)
