@@ -343,9 +343,10 @@ def digit_metrics(e, n):
 
     @torch.no_grad()
     def measure(x):
-        f = features(quantize(x, e.levels)).numpy()
+        x = quantize(x, e.levels)
+        f = features(x).numpy()
         return dict(frechet_distance=frechet_distance(f, f_te), frechet_mean_term=mean_term(f, f_te),
-                    confident=confident(head, features, quantize(x, e.levels)))
+                    confident=confident(head, features, x))
     return measure, base
 
 
