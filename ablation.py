@@ -23,11 +23,14 @@ import time
 import numpy as np
 import torch
 
-import common
+import cli
 import figures
-from common import UsageError, positive
+import runs
+from cli import UsageError, positive, spread
+from data import grid_image, save_image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NUMBERS = ("bound_bpd", "frechet", "floor", "confident", "confident_test")  # in every finished row's record
 STRIP = 10    # samples per row in samples.png
 # (directory name, parameterisation, objective, train.py flags, the paper's IS, FID, NLL (Tables 1, 2))
 ROWS = [
@@ -48,18 +51,15 @@ ROWS = [
 
 
 def seed_list(text):
-    """argparse type: '0,1' -> [0, 1]."""
-    try:
-        seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"must be distinct non-negative integers separated by commas, got {text!r}")
+    """argparse type: '0,1' -> [0, 1]: distinct seeds."""
+    seeds = list(cli.int_list(lo=0)(text))
+    if len(set(seeds)) != len(seeds) or max(seeds) > cli.SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be distinct seeds in [0, {cli.SEED_MAX}], got {text!r}")
     return seeds
 
 
 def parse_args(argv=None):
-    p = common.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=positive(), default=1500, help="training steps per row (default 1500)")
     p.add_argument("--seeds", type=seed_list, default=[0], help="seeds per row, e.g. 0,1 (default 0). Finished "
                    "rows are read back: two terminals can run --seeds 0 and --seeds 1, then --seeds 0,1 makes the "
@@ -68,10 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--n-test", type=positive(), help="test images for the bound (default all 297)")
     p.add_argument("--n-samples", type=positive(), default=500, help="samples for the Frechet distance (default 500)")
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(r[0] for r in ROWS)}")
-    p.add_argument("--out", default=os.path.join(common.RUNS, "ablation"), help="default runs/ablation")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--amp", choices=common.AMP, default="auto", help="the programs' --amp (default auto: bf16 "
-                   "on a CPU with native bfloat16)")
+    p.add_argument("--out", default=os.path.join(runs.RUNS, "ablation"), help="default runs/ablation")
+    cli.add_device_flags(p)
     args = p.parse_args(argv)
     names = [r[0] for r in ROWS]
     wanted = args.rows.split(",") if args.rows else names
@@ -105,37 +103,40 @@ def run_row(row, seed, args, where):
     record_path, start = os.path.join(where, "ablation.json"), time.time()
     budget = dict(steps=args.steps, T=args.T, n_test=args.n_test, n_samples=args.n_samples)
     if os.path.exists(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
+        record = read_record(record_path)
         if record.get("budget") != budget:
             raise UsageError(f"{where} was run with {record.get('budget')}, not {budget}: pass the same flags, "
                              f"or another --out")
         return record
-    ckpt = os.path.join(where, common.CHECKPOINT)
-    if os.path.exists(ckpt) and common.load_checkpoint(ckpt)["step"] >= args.steps \
+    ckpt, device = os.path.join(where, runs.CHECKPOINT), [f for k in ("device", "amp") if getattr(args, k)
+                                                          for f in (f"--{k}", getattr(args, k))]
+    if os.path.exists(ckpt):  # a row interrupted before its record: continue it only with the same flags
+        c = runs.load_checkpoint(ckpt)["config"]
+        if (c.get("T"), c.get("seed")) != (args.T, seed):
+            raise UsageError(f"{where} was trained with --T {c.get('T')} and seed {c.get('seed')}, not --T {args.T} "
+                             f"and seed {seed}: pass the same flags, or another --out")
+    if os.path.exists(ckpt) and runs.load_checkpoint(ckpt)["step"] >= args.steps \
             and os.path.exists(os.path.join(where, "samples.png")):
         code, last, stop = 0, "", False
     elif os.path.exists(ckpt):
-        code, last, stop = call("train.py", "--resume", where, "--steps", args.steps, "--device", args.device,
-                                "--amp", args.amp)
+        code, last, stop = call("train.py", "--resume", where, "--steps", args.steps, *device)
     else:
         code, last, stop = call("train.py", *row[3], "--steps", args.steps, "--seed", seed, "--T", args.T,
-                                "--out", where, "--device", args.device, "--amp", args.amp)
-    if stop or code == 130:
+                                "--out", where, *device)
+    if stop or code > 128:
         raise KeyboardInterrupt
-    if code == common.DIVERGED:
+    if code == cli.DIVERGED:
         return save_record(record_path, dict(status="unstable", why=last, seconds=round(time.time() - start),
                                              budget=budget))
     if code != 0:
         raise UsageError(f"train.py failed on row {row[0]} (exit {code}): {last}")
     n_test = ["--n-test", args.n_test] if args.n_test else []
     for program, argv in [("evaluate.py", ["--checkpoint", where, *n_test, "--n-samples", args.n_samples,
-                                           "--draws", 1, "--out", where, "--force", "--device", args.device,
-                                           "--amp", args.amp]),
+                                           "--draws", 1, "--out", where, "--force", *device]),
                           ("sample.py", ["--checkpoint", where, "--n", STRIP, "--out", os.path.join(where, "strip"),
-                                         "--force", "--device", args.device, "--amp", args.amp])]:
+                                         "--force", *device])]:
         code, last, stop = call(program, *argv)
-        if stop or code == 130:
+        if stop or code > 128:
             raise KeyboardInterrupt
         if code != 0:  # a diverged model's NaN is recorded below; a failure here is a mistake or a bug
             raise UsageError(f"{program} failed on row {row[0]} (exit {code}): {last}")
@@ -145,23 +146,30 @@ def run_row(row, seed, args, where):
     numbers = dict(bound_bpd=b["total_bpd"], bound_se=b["total_bpd_se"], frechet=q["frechet_distance"],
                    floor=q["floor_train_vs_test"], confident=q["confident"], confident_test=q["confident_test"])
     finite = all(v is not None and math.isfinite(v) for v in numbers.values())
+    numbers = {k: v if v is None or math.isfinite(v) else None for k, v in numbers.items()}  # JSON has no NaN
     return save_record(record_path, dict(status="ok" if finite else "unstable", why="" if finite else
                                          "non-finite bound or samples", step=r["step"], **numbers,
                                          seconds=round(time.time() - start), budget=budget))
 
 
-def save_record(path, record):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    common.write_atomic(path, lambda f: json.dump(record, f, indent=1))
+def read_record(path):
+    """A finished row's record; a damaged one (edited by hand, say) is one line, with what to do."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        ok = record["status"] == "unstable" or all(math.isfinite(record[k]) for k in NUMBERS)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise UsageError(f"{path} is not a record ablation.py wrote (damaged or edited?): delete it, and the same "
+                         f"command redoes that row")
     return record
 
 
-def spread(values, fmt):
-    """'m' for one seed; 'm (a–b)' (mean, and the range over seeds) for several."""
-    if not values:
-        return "unstable"
-    text = fmt.format(float(np.mean(values)))
-    return text if len(values) == 1 else f"{text} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+def save_record(path, record):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    runs.write_atomic(path, lambda f: json.dump(record, f, indent=1))
+    return record
 
 
 def table(records, args):
@@ -174,9 +182,9 @@ def table(records, args):
     for row in args.rows:
         ok = [r for r in records[row[0]] if r["status"] == "ok"]
         bad = len(records[row[0]]) - len(ok)
-        lines.append(f"| {row[1]} | {row[2]} | {spread([r['bound_bpd'] for r in ok], '{:.3f}')} | "
-                     f"{spread([r['frechet'] for r in ok], '{:.2f}')} | "
-                     f"{spread([100 * r['confident'] for r in ok], '{:.0f}%')} | {bad} of {len(records[row[0]])} | "
+        cell = lambda key, fmt, scale=1: spread([scale * r[key] for r in ok], fmt) if ok else "unstable"  # noqa: E731
+        lines.append(f"| {row[1]} | {row[2]} | {cell('bound_bpd', '{:.3f}')} | {cell('frechet', '{:.2f}')} | "
+                     f"{cell('confident', '{:.0f}%', 100)} | {bad} of {len(records[row[0]])} | "
                      f"{row[4]} | {row[5]} | {row[6]} |")
     ok = [r for rs in records.values() for r in rs if r["status"] == "ok"]
     if ok:
@@ -196,14 +204,14 @@ def picture(args):
             x = torch.ones(STRIP, 1, 8, 8)
         tiles.append(x[:STRIP])
         names.append(row[0])
-    im = common.grid_image(torch.cat(tiles), nrow=STRIP, min_size=400)
+    im = grid_image(torch.cat(tiles), nrow=STRIP, min_size=400)
     return figures.labelled(im, [], names, row_width=110)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    common.check_writable(args.out)
-    os.makedirs(args.out, exist_ok=True)
+    runs.check_writable(args.out)
+    runs.check_claim(args.out, ["table.md", "table.json", "samples.png"], force=True)  # now, not after hours
     jobs = [(row, seed) for seed in args.seeds for row in args.rows]
     records, start, done = {row[0]: [] for row in args.rows}, time.time(), 0
     for i, (row, seed) in enumerate(jobs, 1):
@@ -222,12 +230,15 @@ def main(argv=None):
         r = records[row[0]][-1]
         print(f"    {row[0]} seed {seed}: " + (f"unstable ({r['why']})" if r["status"] != "ok" else
               f"bound {r['bound_bpd']:.3f} bits/dim, Frechet {r['frechet']:.2f}, confident {r['confident']:.0%}"))
-    text = table(records, args)
-    common.write_atomic(os.path.join(args.out, "table.md"), lambda f: f.write(text))
-    common.write_atomic(os.path.join(args.out, "table.json"), lambda f: json.dump(records, f, indent=1))
-    common.save_image(picture(args), os.path.join(args.out, "samples.png"))
+    text, files = table(records, args), ["table.md", "table.json", "samples.png"]
+    with runs.locked(args.out):  # the rows lock their own folders; this, only while the table is written
+        runs.check_claim(args.out, files, force=True)
+        runs.claim(args.out, files)
+        runs.write_atomic(os.path.join(args.out, "table.md"), lambda f: f.write(text))
+        runs.write_atomic(os.path.join(args.out, "table.json"), lambda f: json.dump(records, f, indent=1))
+        save_image(picture(args), os.path.join(args.out, "samples.png"))
     print("\n" + text + f"\nwrote {args.out}/table.md, table.json and samples.png")
 
 
 if __name__ == "__main__":
-    common.run(main)
+    cli.run(main)

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-import common
+import cli
 import unet
-from ddpm import Diffusion
+from ddpm import Diffusion, generate
 
 # (preset, batch) pairs for the unet section: cifar10 is 6 GMAC per image, so keep its batch small on CPU.
 UNET_CASES = [("cifar10", 8), ("digits", 128)]
@@ -90,7 +90,7 @@ def fwd_bwd(module, forward, x, t, amp=None):
 
 
 def bench_unet(args):
-    device = common.pick_device(args.device or "auto")
+    device = cli.pick_device(args.device or "auto")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     print(f"== unet: forward+backward on {device} ({torch.get_num_threads()} threads, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {args.amp or 'fp32'}), "
@@ -151,20 +151,20 @@ def bench_unet(args):
 def bench_sample(args):
     """sample.py's Algorithm 2: 64 digits, all 1,000 steps, against its baseline, the same 1,000
     network calls alone, so the ratio is what the sampler adds around the network."""
-    device = common.pick_device(args.device or "auto")
+    device = cli.pick_device(args.device or "auto")
     print(f"== sample: 64 digits x 1000 steps on {device} ({torch.get_num_threads()} threads), "
           f"median of {max(1, args.repeats // 2)} interleaved repeats")
     warn_if_busy()
     torch.manual_seed(0)
     model, diffusion = unet.build("digits").to(device).eval(), Diffusion()
     x = torch.randn(64, 1, 8, 8, device=device)
-    times = {"common.generate": [], "network alone": []}
+    times = {"ddpm.generate": [], "network alone": []}
     with torch.inference_mode():
         for _ in range(max(1, args.repeats // 2)):
             start = time.perf_counter()
-            common.generate(model, diffusion, 64, device=device, progress=False)
+            generate(model, diffusion, 64)
             sync(device)
-            times["common.generate"].append(time.perf_counter() - start)
+            times["ddpm.generate"].append(time.perf_counter() - start)
             start = time.perf_counter()
             for t in range(diffusion.T, 0, -1):
                 model(x, t)
@@ -173,19 +173,19 @@ def bench_sample(args):
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"  {k:16s} {v:6.1f} s")
-    print(f"  ratio sampler/network: {med['common.generate'] / med['network alone']:.3f} (1.0: no overhead)")
+    print(f"  ratio sampler/network: {med['ddpm.generate'] / med['network alone']:.3f} (1.0: no overhead)")
 
 
 def bench_modes(args):
     """fp32 eager (the baseline) against bf16 autocast, torch.compile, both (and channels-last on CUDA)
     for a training step (forward+backward, batch --batch or the unet case's) and a sampling call (no grad,
     a batch of 500 for digits): ratios of medians; compile's one-off cost; bf16's largest output error."""
-    device = common.pick_device(args.device or "auto")
+    device = cli.pick_device(args.device or "auto")
     preset = args.preset or "digits"
     batch = args.batch or dict(UNET_CASES)[preset]
     print(f"== modes: the {preset} network on {device} ({torch.get_num_threads()} threads), train batch {batch}, "
           f"sampling batch {4 * batch if preset == 'digits' else batch}; median of {args.repeats} interleaved "
-          f"repeats; native bf16: {common.native_bf16(device)}")
+          f"repeats; native bf16: {cli.native_bf16(device)}")
     warn_if_busy()
     torch.manual_seed(0)
     model = unet.build(preset).to(device)

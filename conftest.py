@@ -8,6 +8,8 @@ import os
 
 import pytest
 import torch
+
+import cli
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None,
@@ -25,9 +27,8 @@ TINY = ["--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resol
 
 def run_program(main, argv):
     """A program's main(argv) as the command line runs it: returns the exit code (0, 2, ...)."""
-    import common
     try:
-        common.run(lambda: main(list(argv)))
+        cli.run(lambda: main(list(argv)))
     except SystemExit as e:
         return e.code
     return 0

@@ -19,6 +19,7 @@ converted to the data's dtype and device when they are gathered.
 import math
 
 import torch
+from tqdm import tqdm
 
 LOG2 = math.log(2.0)
 
@@ -225,7 +226,12 @@ class Diffusion:
         return x
 
     # ---- training (Sec. 3.4, Table 2) -----------------------------------------------
-    def training_loss(self, model, x0, t=None, noise=None, generator=None, objective="simple", levels=256):
+    def sample_t(self, n, generator=None, device="cpu"):
+        """Algorithm 1, line 3: t ~ Uniform({1, ..., T}), n of them."""
+        return torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
+
+    def training_loss(self, model, x0, t=None, noise=None, generator=None, objective="simple", levels=256,
+                      per_example=False):
         """Algorithm 1 with Table 2's objectives, for t ~ Uniform{1..T} and eps ~ N(0, I) unless given.
 
         simple: the unweighted MSE of the output against its own target: eps (Eq. 14, L_simple),
@@ -234,23 +240,25 @@ class Diffusion:
           a learned variance, which it would leave untrained: refused.
         vlb: T * L_{t-1} in bits/dim (T * L_0 at t = 1): an unbiased estimate of the bound of
           Eq. 5 without L_T, which has no parameters. levels: the data's grey levels, for L_0.
-        Returns the mean over the batch.
+        Returns the mean over the batch, or with per_example the loss of each example [B].
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if objective == "simple" and self.sigma == "learned":
             raise ValueError("a learned variance needs the bound as its objective (objective='vlb')")
         if t is None:
-            t = torch.randint(1, self.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
+            t = self.sample_t(x0.shape[0], generator, x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         xt = self.q_sample(x0, t, noise)
         if objective == "vlb":
-            return self.T * self.vb_term_bpd(model, x0, xt, t, levels).mean()
+            terms = self.vb_term_bpd(model, x0, xt, t, levels)
+            return self.T * (terms if per_example else terms.mean())
         target = {"eps": noise, "x0": x0}.get(self.predict)
         if target is None:
             target = self.q_posterior(x0, xt, t)[0]
-        return (target - model(xt, t)).pow(2).mean()
+        error = (target - model(xt, t)).pow(2)
+        return error.flatten(1).mean(1) if per_example else error.mean()
 
     def eq12_weight(self, t):
         """Eq. 12: lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)), float64.
@@ -286,10 +294,13 @@ class Diffusion:
         else:
             q_mean, _, q_log_var = self.q_posterior(x0, xt, t)
             nats = normal_kl(q_mean, q_log_var, mean, log_var)
-            first = None if isinstance(t, int) else torch.as_tensor(t, device=x0.device).reshape(-1) == 1
-            if first is not None and first.any():  # the decoder, only where t = 1 (no NaN gradients)
-                nats = nats.index_put((first,), -discretized_gaussian_log_likelihood(
-                    x0[first], mean[first], log_var[first], levels))
+            if not isinstance(t, int):  # the decoder where t = 1, chosen on the device (no host read)
+                first = (torch.as_tensor(t, device=x0.device).reshape(-1) == 1).reshape(-1, *[1] * (x0.ndim - 1))
+                # the decoder of the other examples is never used: give it harmless inputs, so that no
+                # infinity there can turn into a NaN gradient through torch.where
+                decoder = -discretized_gaussian_log_likelihood(
+                    x0, torch.where(first, mean, x0), torch.where(first, log_var, torch.zeros_like(log_var)), levels)
+                nats = torch.where(first, decoder, nats)
         return nats.flatten(1).mean(1) / LOG2, x0_hat
 
     @torch.no_grad()
@@ -326,3 +337,45 @@ def rate_distortion(terms, prior, mse, scale):
     tail = terms.flip(1).cumsum(1).flip(1)  # tail[:, j] = sum of terms[:, j:]
     rate = prior[:, None] + torch.cat([tail[:, 1:], torch.zeros_like(tail[:, :1])], 1)
     return rate.mean(0), scale * mse.mean(0).sqrt()
+
+
+# ---- Algorithm 2 for many images, reproducibly -----------------------------------------------------
+GROUP = 1000  # images per run of Algorithm 2: bounds the memory x_t takes when n is large (FID: 50,000)
+
+
+def derive_seed(seed, k):
+    """The seed of the k-th independent stream of a run seeded `seed` (an epoch's order, a group of samples)."""
+    return seed * 1_000_003 + k
+
+
+@torch.inference_mode()
+def generate(model, diffusion, n, seed=0, *, batch_size=None, clip=True, amp=None, callback=None, progress=False):
+    """Algorithm 2 for n images, as every program draws them; returns x_0 [n, C, H, W] on the CPU.
+
+    Randomness: the images come in groups of GROUP, each group from its own generator on the model's
+    device, seeded with derive_seed(seed, group index), which draws x_T for the whole group and then each
+    step's z, in order. The network sees a group in chunks of batch_size (default: all of it), which bounds
+    memory without changing the images (up to float rounding in batched convolutions).
+    amp: the network's autocast dtype (None: float32); the sampler's own arithmetic stays float32.
+    callback(t, x_t, x0_hat) is called at each step of the first group; progress shows a bar.
+    """
+    device = next(model.parameters()).device
+    shape = (model.in_channels, model.image_size, model.image_size)
+
+    def chunked(x, t):
+        size = batch_size or len(x)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return torch.cat([model(xb, tb) for xb, tb in zip(x.split(size), t.split(size))]).float()
+
+    def step(t, x_t, x0_hat):
+        bar.update()  # reads no tensor, so a GPU never waits for the host
+        if callback is not None and not out:
+            callback(t, x_t, x0_hat)
+    groups = range(0, n, GROUP)
+    bar = tqdm(total=len(groups) * diffusion.T, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    out = []
+    for g, start in enumerate(groups):
+        gen = torch.Generator(device).manual_seed(derive_seed(seed, g))
+        out.append(diffusion.p_sample_loop(chunked, (min(GROUP, n - start), *shape), clip, gen, device, step).cpu())
+    bar.close()
+    return torch.cat(out)

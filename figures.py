@@ -8,7 +8,8 @@ The math is ddpm.py's; this file only runs it in the paper's arrangements and dr
 import torch
 from PIL import Image, ImageDraw
 
-import common
+import runs
+from data import grid_image
 
 STRIP, GIF_SAMPLES = 4, 16  # samples shown in reverse.png / forward.png, and in denoising.gif
 FIGURE_SIZE = 384           # the figures' minimum size (pixels)
@@ -41,7 +42,7 @@ def reverse_figure(recorded, x0, ts):
     for i in range(len(x0)):
         for k in (0, 1):  # 0: x_t, 1: x0_hat
             tiles += [*(recorded[t][k][i] for t in ts), x0[i]]
-    im = common.grid_image(torch.stack(tiles), nrow=len(ts) + 1, min_size=FIGURE_SIZE)
+    im = grid_image(torch.stack(tiles), nrow=len(ts) + 1, min_size=FIGURE_SIZE)
     return labelled(im, [f"t={t}" for t in ts] + ["x_0"], ["x_t", "x0_hat"] * len(x0))
 
 
@@ -53,13 +54,13 @@ def forward_figure(diffusion, x0, ts, seed):
         if t in ts:
             kept[t] = x
     columns = [x0, *(kept[t] for t in reversed(ts))]
-    im = common.grid_image(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns), min_size=FIGURE_SIZE)
+    im = grid_image(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns), min_size=FIGURE_SIZE)
     return labelled(im, ["x_0"] + [f"t={t}" for t in reversed(ts)])
 
 
 def gif_frame(x_t, x0_hat, title):
     """x_t and x0_hat side by side, each as a grid."""
-    a, b = (common.grid_image(v, nrow=4) for v in (x_t, x0_hat))
+    a, b = (grid_image(v, nrow=4) for v in (x_t, x0_hat))
     both = Image.new(a.mode, (2 * a.width + 8, a.height), "white")
     both.paste(a, (0, 0))
     both.paste(b, (a.width + 8, 0))
@@ -72,7 +73,7 @@ def shared_latents(model, diffusion, shape, seed, clip=True, k=3, splits=None, d
     """One reverse chain from x_T, split at t in {T, 3T/4, T/2, T/4} into k independent continuations.
     Returns {t: (x_t [1, C, H, W], samples [k, C, H, W])}: what survives of x_t at each split."""
     T = diffusion.T
-    splits = splits or sorted({T, round(3 * T / 4), round(T / 2), round(T / 4)} - {0}, reverse=True)
+    splits = splits or [t for t in timesteps(T) if t >= round(T / 4)]  # T, 3T/4, T/2, T/4
     kept = {}
 
     def keep(t, x_t, x0_hat):
@@ -92,7 +93,7 @@ def shared_latent_figure(groups):
     ts = list(groups)
     k = len(groups[ts[0]][1])
     tiles = torch.cat([torch.cat([x_t.clamp(-1, 1), samples]) for x_t, samples in groups.values()])
-    im = common.grid_image(tiles, nrow=k + 1, min_size=FIGURE_SIZE)
+    im = grid_image(tiles, nrow=k + 1, min_size=FIGURE_SIZE)
     return labelled(im, ["x_t"] + [f"sample {i + 1}" for i in range(k)], [f"t={t}" for t in ts])
 
 
@@ -118,7 +119,7 @@ def interpolate(model, diffusion, x0, x0_prime, t, seed, clip=True, lambdas=LAMB
 def interpolation_figure(x0, x0_prime, mixed):
     """Fig. 8's columns: Source, Rec., lambda = 0.1 ... 0.9, Rec., Source; a row per pair."""
     tiles = torch.cat([x0.cpu()[:, None], mixed.clamp(-1, 1), x0_prime.cpu()[:, None]], 1)
-    im = common.grid_image(tiles.flatten(0, 1), nrow=tiles.shape[1], min_size=FIGURE_SIZE)
+    im = grid_image(tiles.flatten(0, 1), nrow=tiles.shape[1], min_size=FIGURE_SIZE)
     names = [f"{v:.1f}" for v in LAMBDAS[1:-1]]
     return labelled(im, ["Source", "Rec.", *names, "Rec.", "Source"])
 
@@ -135,7 +136,7 @@ def coarse_to_fine_figure(x0, x0_prime, steps, rows):
     x0, x0_prime = x0.cpu(), x0_prime.cpu()
     tiles = torch.cat([x0[:1].expand(len(rows), -1, -1, -1)[:, None], rows.clamp(-1, 1),
                        x0_prime[:1].expand(len(rows), -1, -1, -1)[:, None]], 1)
-    im = common.grid_image(tiles.flatten(0, 1), nrow=tiles.shape[1], min_size=FIGURE_SIZE)
+    im = grid_image(tiles.flatten(0, 1), nrow=tiles.shape[1], min_size=FIGURE_SIZE)
     return labelled(im, ["Source", "Rec.", *[f"{v:.1f}" for v in LAMBDAS[1:-1]], "Rec.", "Source"],
                            [f"{t} steps" for t in steps], row_width=64)
 
@@ -158,7 +159,7 @@ def nearest_figure(samples, train, k=5, n=8):
     """A generated sample in the first column, its k nearest training images to the right."""
     idx = nearest(samples[:n], train, k).indices
     tiles = torch.cat([samples[:n, None], train[idx]], 1)
-    im = common.grid_image(tiles.flatten(0, 1), nrow=k + 1, min_size=FIGURE_SIZE)
+    im = grid_image(tiles.flatten(0, 1), nrow=k + 1, min_size=FIGURE_SIZE)
     return labelled(im, ["sample"] + [f"{i + 1}st" if i == 0 else f"{i + 1}" for i in range(k)])
 
 
@@ -169,7 +170,7 @@ def table4_rows(T):
 
 
 def save_plot(fig, path):
-    common.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), "wb")
+    runs.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), "wb")
 
 
 def pyplot():

@@ -63,7 +63,7 @@ def test_an_unstable_row_is_recorded_and_the_table_goes_on(monkeypatch, capsys):
     assert run(*QUICK, "--seeds", "0,1") == 0
     table = open("a/table.md").read()
     assert "| μ̃ prediction | ‖μ̃ − μ̃_θ‖² | unstable | unstable | unstable | 2 of 2 |" in table
-    assert "| ε prediction | ‖ε − ε_θ‖² (L_simple) | 3.500 (3.500–3.500) | 4.00 (4.00–4.00) | 80% (80%–80%) | 0 of 2" \
+    assert "| ε prediction | ‖ε − ε_θ‖² (L_simple) | 3.500 (3.500-3.500) | 4.00 (4.00-4.00) | 80% (80%-80%) | 0 of 2" \
         in table
     assert calls.count("train.py") == 14 and calls.count("evaluate.py") == 12
     assert json.load(open("a/mean-mse-s1/ablation.json"))["why"].startswith("error: the loss became nan")
@@ -91,7 +91,7 @@ def test_rows_run_with_another_budget_are_refused(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--rows", "eps-simple,nope"], "unknown row 'nope'"),
-    (["--seeds", "0,0"], "distinct non-negative integers"),
+    (["--seeds", "0,0"], "must be distinct seeds"),
     (["--steps", "0"], "must be positive"),
     (["--n-samples", "1"], "at least 2"),
     (["--out", "a-file/x"], "cannot write to a-file/x"),

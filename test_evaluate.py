@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +15,11 @@ import torch
 from PIL import Image
 from scipy import stats
 
-import common
+import cli
+import data
+import pretrained
+import quality
+import runs
 from ddpm import Diffusion
 import evaluate
 from conftest import HERE, TINY, run_program, tiny_port
@@ -32,17 +35,17 @@ FAST = ["--n-test", "16", "--n-samples", "16", "--batch-size", "16", "--device",
 def ckpt_path(tmp_path_factory):
     """A digits checkpoint after 3 training steps, written once for the whole module."""
     out = tmp_path_factory.mktemp("trained") / "r"
-    common.run(lambda: train.main([*TINY, "--steps", "3", "--out", str(out)]))
-    return str(out / common.CHECKPOINT)
+    cli.run(lambda: train.main([*TINY, "--steps", "3", "--out", str(out)]))
+    return str(out / runs.CHECKPOINT)
 
 
 @pytest.fixture
 def tiny(ckpt_path):
     """(model, diffusion, x0): the tiny network and 8 test digits in [-1, 1] (17 grey levels)."""
-    model, diffusion, _ = common.load_run(ckpt_path)
-    test, _, levels = common.load_dataset("digits", "test")
+    model, diffusion, _ = runs.load_run(ckpt_path)
+    test, _, levels, _ = data.load_dataset("digits", "test")
     assert levels == 17 and diffusion.T == 20
-    return model, diffusion, common.to_model_range(test[:8], levels)
+    return model, diffusion, data.to_model_range(test[:8], levels)
 
 
 @pytest.fixture(autouse=True)
@@ -135,47 +138,45 @@ def test_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
     a = exact_moments(500, 6, rng)
     mu = np.array([1.0, -2.0, 0.5, 0, 0, 3.0])
-    assert abs(evaluate.frechet_distance(a, a)) < 1e-8
-    assert math.isclose(evaluate.frechet_distance(a, a + mu), mu @ mu, rel_tol=1e-9)  # N(0,I) vs N(mu,I)
+    assert abs(quality.frechet_distance(a, a)) < 1e-8
+    assert math.isclose(quality.frechet_distance(a, a + mu), mu @ mu, rel_tol=1e-9)  # N(0,I) vs N(mu,I)
     b = exact_moments(300, 6, rng)  # another set with the same moments: distance 0
-    assert abs(evaluate.frechet_distance(a, b)) < 1e-8
-    assert math.isclose(evaluate.frechet_distance(a, 2 * b + mu), mu @ mu + 6 * (2 - 1) ** 2, rel_tol=1e-9)
+    assert abs(quality.frechet_distance(a, b)) < 1e-8
+    assert math.isclose(quality.frechet_distance(a, 2 * b + mu), mu @ mu + 6 * (2 - 1) ** 2, rel_tol=1e-9)
     # random samples from N(0, I) and N(mu, I): ||mu||^2 up to sampling error; grows with the shift
     x, y = rng.normal(size=(20000, 6)), rng.normal(size=(20000, 6))
-    assert abs(evaluate.frechet_distance(x, y)) < 0.01
+    assert abs(quality.frechet_distance(x, y)) < 0.01
     sd = 2 * math.sqrt(mu @ mu) * math.sqrt(2 / 20000)  # of the cross term 2 mu.(mean_x - mean_y)
-    assert abs(evaluate.frechet_distance(x, y + mu) - mu @ mu) < 4 * sd + 0.01
-    shifts = [evaluate.frechet_distance(x, y + s) for s in (0.1, 0.5, 1.0, 2.0)]
+    assert abs(quality.frechet_distance(x, y + mu) - mu @ mu) < 4 * sd + 0.01
+    shifts = [quality.frechet_distance(x, y + s) for s in (0.1, 0.5, 1.0, 2.0)]
     assert all(np.diff(shifts) > 0)
-    assert math.isclose(evaluate.frechet_distance(x[:, :1], y[:, :1] + 3), 9, abs_tol=0.1)  # d = 1 works
+    assert math.isclose(quality.frechet_distance(x[:, :1], y[:, :1] + 3), 9, abs_tol=0.1)  # d = 1 works
 
 
 def test_classifier_is_deterministic_and_accurate():
-    train_x, train_y, levels = common.load_dataset("digits", "train")
-    test_x, test_y, _ = common.load_dataset("digits", "test")
-    train_x, test_x = common.to_model_range(train_x, levels), common.to_model_range(test_x, levels)
-    (f1, h1), (f2, _) = (evaluate.train_classifier(train_x, train_y, seed=0, steps=300) for _ in range(2))
+    train_x, train_y, levels, _ = data.load_dataset("digits", "train")
+    test_x, test_y, _, _ = data.load_dataset("digits", "test")
+    train_x, test_x = data.to_model_range(train_x, levels), data.to_model_range(test_x, levels)
+    (f1, h1), (f2, _) = (quality.train_classifier(train_x, train_y, seed=0, steps=300) for _ in range(2))
     assert all(torch.equal(p, q) for p, q in zip(f1.parameters(), f2.parameters()))
     with torch.no_grad():
         assert (h1(f1(test_x)).argmax(1) == test_y).float().mean() > 0.9
-        floor = evaluate.frechet_distance(f1(train_x).numpy(), f1(test_x).numpy())
-        noise = evaluate.frechet_distance(f1(torch.rand_like(test_x) * 2 - 1).numpy(), f1(test_x).numpy())
+        floor = quality.frechet_distance(f1(train_x).numpy(), f1(test_x).numpy())
+        noise = quality.frechet_distance(f1(torch.rand_like(test_x) * 2 - 1).numpy(), f1(test_x).numpy())
     assert 0 < floor < noise / 10
 
 
 def test_the_floor_is_measured_at_the_samples_size_and_falls_as_it_grows():
     """The Frechet distance of a finite set is biased upward, more for fewer images, so the floor a
     perfect model reaches is the training images' distance at the samples' own number."""
-    train_x, train_y, levels = common.load_dataset("digits", "train")
-    test_x, test_y, _ = common.load_dataset("digits", "test")
-    e = SimpleNamespace(train=train_x, test=test_x, train_labels=train_y, labels=test_y, levels=levels, seed=0)
-    floors = {n: evaluate.digit_metrics(e, n)[1] for n in (100, 400, 1500, 5000)}
+    train, test = data.load_dataset("digits", "train"), data.load_dataset("digits", "test")
+    floors = {n: quality.digit_metrics(train, test, 0, n)[1] for n in (100, 400, 1500, 5000)}
     assert floors[100]["floor_train_vs_test"] > floors[400]["floor_train_vs_test"] > floors[1500]["floor_train_vs_test"]
-    assert len(set(floors[400]["floor_train_vs_test_draws"])) == evaluate.FLOOR_SETS  # different sets of 400
+    assert len(set(floors[400]["floor_train_vs_test_draws"])) == quality.FLOOR_SETS  # different sets of 400
     assert floors[5000]["floor_n_train"] == 1500 and floors[5000]["floor_train_vs_test_draws"] == \
         floors[1500]["floor_train_vs_test_draws"]  # all 1,500: one set
-    assert evaluate.over_draws([dict(a=1.0), dict(a=3.0)]) == dict(a=2.0, a_draws=[1.0, 3.0])
-    assert evaluate.spread(dict(a=2.0, a_draws=[1.0, 3.0]), "a", "{:.1f}") == "2.0 (1.0-3.0)"
+    assert quality.over_draws([dict(a=1.0), dict(a=3.0)]) == dict(a=2.0, a_draws=[1.0, 3.0])
+    assert cli.spread([1.0, 3.0], "{:.1f}") == "2.0 (1.0-3.0)" and cli.spread([2.0], "{:.1f}") == "2.0"
 
 
 # ---- the program ---------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_end_to_end_writes_results_and_plot(ckpt_path, capsys):
         assert im.size[0] > 300
     assert "NOT the Inception FID" in capsys.readouterr().out
     # samples from sample.py instead: the test digits themselves, as uint8 NHWC 0..255, come closest
-    test, _, _ = common.load_dataset("digits", "test")
+    test = data.load_dataset("digits", "test").images
     np.savez("s.npz", (test.permute(0, 2, 3, 1).float() * 255 / 16).round().to(torch.uint8).numpy())
     assert run("--checkpoint", ckpt_path, "--out", "o", *FAST, "--samples", "s.npz", "--n-test", "0") == 2  # exists
     assert run("--checkpoint", ckpt_path, "--out", "o", *FAST, "--samples", "s.npz", "--n-test", "0", "--force") == 0
@@ -250,7 +251,7 @@ def test_pretrained_bound_equals_the_same_network_through_a_checkpoint(capsys):
     assert "images x T = 1,000 steps = 4,000 image-steps" in capsys.readouterr().out  # the cost, up front
     a = json.load(open("port/results.json"))
     assert a["sigma"] == "beta" and a["clip"] and a["T"] == 1000 and a["bound"]["split"] == "test"
-    model = unet.load_pretrained(port)
+    model = pretrained.load_pretrained(port)
     torch.save(dict(model=model.state_dict(), ema=model.state_dict(), step=0, model_config=model.config,
                     config=dict(dataset="imgs", T=1000, image_size=8)), "ckpt.pt")
     assert run("--checkpoint", "ckpt.pt", "--out", "same", *flags) == 0
@@ -279,7 +280,7 @@ def test_pretrained_bad_input_is_one_line_and_exit_2(argv, message, capsys, monk
 
 def forge(path, ckpt_path, **model_config):
     """A checkpoint like the tiny one, with other model_config values (fresh weights if channels change)."""
-    ckpt = common.load_checkpoint(ckpt_path)
+    ckpt = runs.load_checkpoint(ckpt_path)
     ckpt["model_config"] = {**ckpt["model_config"], **model_config}
     if "in_channels" in model_config:
         ckpt["model"] = ckpt["ema"] = unet.UNet(**ckpt["model_config"]).state_dict()
@@ -298,7 +299,7 @@ def forge(path, ckpt_path, **model_config):
     (["--checkpoint", "CKPT", "--n-test", "300"], "more than the 297 test images"),
     (["--checkpoint", "CKPT", "--n-test", "-1"], "must be at least 0"),
     (["--checkpoint", "CKPT", "--sigma", "huge"], "invalid choice"),
-    (["--checkpoint", "CKPT", "--out", "done"], "done/results.json exists"),
+    (["--checkpoint", "CKPT", "--out", "done"], "done/results.json was not written by these programs"),
     (["--checkpoint", "rgb.pt", "--samples", "missing"], "no sample folder"),
     (["--checkpoint", "rgb.pt", "--samples", "rgb"], "pip install torch-fidelity"),
     (["--checkpoint", "CKPT", "--samples", "one.npz"], "holds 1 image: a Frechet distance needs at least 2"),

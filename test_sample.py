@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import ddpm
+import pretrained
+import runs
 import figures
 import sample
 from ddpm import Diffusion, linear_betas
@@ -20,7 +22,7 @@ from conftest import HERE, TINY, run_program, tiny_port
 pytestmark = pytest.mark.usefixtures("one_thread")
 import train
 
-RUN = os.path.join(common.RUNS, "r")
+RUN = os.path.join(runs.RUNS, "r")
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,8 @@ def listing():
 def test_bf16_sampling_draws_the_same_images_up_to_rounding():
     """--amp bf16 changes only the network's arithmetic (about 3 significant digits): with the same noise,
     the chain ends at nearly the same images, returned in float32."""
-    model, diffusion, _ = common.load_run(RUN)
-    x32, x16 = (common.generate(model, diffusion, 16, seed=3, progress=False, amp=amp)
+    model, diffusion, _ = runs.load_run(RUN)
+    x32, x16 = (ddpm.generate(model, diffusion, 16, seed=3, progress=False, amp=amp)
                 for amp in (None, torch.bfloat16))
     assert x16.dtype == torch.float32 and not torch.equal(x32, x16)  # bf16 was really used
     assert (x32 - x16).abs().max() < 0.05  # on the [-1, 1] scale; a grey level of the digits is 0.125
@@ -93,40 +95,41 @@ def test_same_seed_same_images_whatever_the_batch_size():
     assert np.array_equal(npz("a"), npz("c"))
     assert np.abs(npz("a").astype(int) - npz("b")).max() <= 1  # at most float rounding of batched convs
     assert not np.array_equal(npz("a"), npz("d"))
-    model, diffusion, _ = common.load_run(RUN)
-    x = [common.generate(model, diffusion, 7, b, seed=3, progress=False) for b in (7, 3, 1)]
+    model, diffusion, _ = runs.load_run(RUN)
+    x = [ddpm.generate(model, diffusion, 7, 3, batch_size=b) for b in (7, 3, 1)]
     torch.testing.assert_close(x[1], x[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(x[2], x[0], rtol=0, atol=1e-5)
 
 
 def test_groups_have_their_own_generators(monkeypatch):
-    model, diffusion, _ = common.load_run(RUN)
-    whole = common.generate(model, diffusion, 5, seed=2, progress=False)
-    monkeypatch.setattr(common, "GROUP", 2)  # groups of 2, 2, 1: the first group is the same images
-    grouped = common.generate(model, diffusion, 5, seed=2, progress=False)
-    first = common.generate(model, diffusion, 2, seed=2, progress=False)
+    model, diffusion, _ = runs.load_run(RUN)
+    whole = ddpm.generate(model, diffusion, 5, seed=2)
+    monkeypatch.setattr(ddpm, "GROUP", 2)  # groups of 2, 2, 1: the first group is the same images
+    grouped = ddpm.generate(model, diffusion, 5, seed=2)
+    first = ddpm.generate(model, diffusion, 2, seed=2)
     assert grouped.shape == whole.shape and torch.equal(grouped[:2], first)
     assert not torch.allclose(grouped[2:4], first)  # group 1 is seeded differently from group 0
 
 
 def test_clipping_keeps_samples_in_range_and_no_clip_is_algorithm_2():
-    model, diffusion, _ = common.load_run(RUN)
-    x = common.generate(model, diffusion, 4, progress=False)
+    model, diffusion, _ = runs.load_run(RUN)
+    x = ddpm.generate(model, diffusion, 4)
     assert x.shape == (4, 1, 8, 8) and x.abs().max() <= 1  # at t = 1 the mean is x0_hat itself
     expected = diffusion.p_sample_loop(model, (4, 1, 8, 8), clip=False,
                                        generator=torch.Generator().manual_seed(0))  # group 0, seed 0
-    assert torch.equal(common.generate(model, diffusion, 4, clip=False, progress=False), expected)
+    assert torch.equal(ddpm.generate(model, diffusion, 4, clip=False), expected)
 
 
 def test_sigma_flag_overrides_the_checkpoint():
-    _, diffusion, config, _ = sample.load(sample.parse_args(["--checkpoint", RUN]))
-    assert diffusion.sigma == "beta" and diffusion.T == 20 and config["dataset"] == "digits"
-    _, other, _, _ = sample.load(sample.parse_args(["--checkpoint", RUN, "--sigma", "beta_tilde"]))
+    w = pretrained.load_weights(checkpoint=RUN)
+    diffusion = w.diffusion
+    assert diffusion.sigma == "beta" and diffusion.T == 20 and w.config["dataset"] == "digits" and w.folder == RUN
+    other = pretrained.load_weights(checkpoint=RUN, sigma="beta_tilde").diffusion
     assert other.sigma == "beta_tilde" and torch.equal(other.beta, diffusion.beta)
 
 
 def grid_size(rows, cols, tile, min_size):
-    """common.grid_image's size: 1-pixel padding, enlarged by a whole factor to reach min_size."""
+    """data.grid_image's size: 1-pixel padding, enlarged by a whole factor to reach min_size."""
     w, h = cols * (tile + 1) + 1, rows * (tile + 1) + 1
     scale = max(1, math.ceil(min_size / max(w, h)))
     return w * scale, h * scale
@@ -207,13 +210,13 @@ def test_shared_latent_continuations_share_x_t_and_differ_after():
 
 
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(capsys, monkeypatch):
-    monkeypatch.setattr(common, "generate", None)  # every mistake is found before any image is drawn
+    monkeypatch.setattr(sample, "generate", None)  # every mistake is found before any image is drawn
     with open("corrupt.pt", "wb") as f:
         f.write(b"not a checkpoint")
     with open("pickle.bin", "wb") as f:
         pickle.dump({"a": 1}, f)
     open("a-file", "w").close()
-    ckpt = common.load_checkpoint(RUN)
+    ckpt = runs.load_checkpoint(RUN)
     torch.save({**ckpt, "model_config": {**ckpt["model_config"], "ch": 64}}, "wrong_shapes.pt")
     torch.save({**ckpt, "model_config": {**ckpt["model_config"], "heads": 4}}, "unknown_key.pt")
     os.makedirs("taken")
@@ -222,7 +225,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(capsys, monkeypatch):
     before = listing()
     cases = {
         ("--n", "0"): "must be positive", ("--n", "-3"): "must be positive", ("--batch-size", "0"): "positive",
-        ("--n", "many"): "invalid", ("--sigma", "big"): "invalid choice", ("--device", "tpu"): "unknown device",
+        ("--n", "many"): "invalid", ("--sigma", "big"): "invalid choice", ("--device", "tpu"): "unknown or unsupported device",
         ("--checkpoint", "nowhere"): "train.py", ("--checkpoint", "corrupt.pt"): "not a readable checkpoint",
         ("--checkpoint", "wrong_shapes.pt"): "do not fit", ("--checkpoint", "unknown_key.pt"): "heads",
         ("--out", "taken"): "exists", ("--pretrained", "missing.safetensors"): "huggingface-cli download",
@@ -236,25 +239,25 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and "weights_only" not in err, (argv, err)
     assert listing() == before  # nothing written, nothing overwritten
-    shutil.rmtree(common.RUNS)
+    shutil.rmtree(runs.RUNS)
     assert run() == 2 and "run `python train.py` first" in capsys.readouterr().err
 
 
 def test_command_line_without_a_checkpoint():
-    shutil.rmtree(common.RUNS)
+    shutil.rmtree(runs.RUNS)
     p = subprocess.run([sys.executable, os.path.join(HERE, "sample.py")], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "python train.py" in p.stderr
 
 
-# ---- the authors' weights, through unet.load_pretrained ----------------------------------------------
+# ---- the authors' weights, through pretrained.load_pretrained ----------------------------------------------
 @pytest.mark.slow
 def test_pretrained_uses_the_authors_sampler_settings():
     pytest.importorskip("diffusers")
     small, large = tiny_port("port32", 8), tiny_port("port256", 64)
-    _, diffusion, config, where = sample.load(sample.parse_args(["--pretrained", small]))
-    assert (diffusion.T, diffusion.sigma, config, where) == (1000, "beta", None, "port32")
-    assert sample.load(sample.parse_args(["--pretrained", large]))[1].sigma == "beta_tilde"
-    assert sample.load(sample.parse_args(["--pretrained", large, "--sigma", "beta"]))[1].sigma == "beta"
+    w = pretrained.load_weights(pretrained=small)
+    assert (w.diffusion.T, w.diffusion.sigma, w.config, w.folder) == (1000, "beta", None, "port32")
+    assert pretrained.load_weights(pretrained=large).diffusion.sigma == "beta_tilde"
+    assert pretrained.load_weights(pretrained=large, sigma="beta").diffusion.sigma == "beta"
     assert run("--pretrained", small, "--n", "2", "--figures") == 0  # all 1,000 steps of a tiny network
     a = npz("port32/samples")
     assert a.shape == (2, 8, 8, 3) and a.dtype == np.uint8

@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import cli
+import config
+import data
 import ddpm
+import runs
 import train
 import unet
 from conftest import HERE, TINY, run_program
@@ -38,9 +41,9 @@ def test_short_digits_run_lowers_the_loss_and_writes_its_files():
     assert os.path.exists("r/samples_0000030.png")  # a grid every --sample-every steps
     losses = [float(r["loss"]) for r in rows("r")]
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2])
-    ckpt = common.load_checkpoint("r")
+    ckpt = runs.load_checkpoint("r")
     assert ckpt["step"] == 60 and ckpt["config"]["dataset"] == "digits"
-    model, diffusion, _ = common.load_run("r")
+    model, diffusion, _ = runs.load_run("r")
     assert diffusion.T == 20 and model.config["ch"] == 32
     with Image.open("r/samples.png") as im:
         assert im.size[0] >= 256
@@ -50,11 +53,11 @@ def test_short_digits_run_lowers_the_loss_and_writes_its_files():
 def test_resume_is_bitwise_exact():
     # dropout: the RNG state must be restored too. A constant learning rate: a decaying one follows --steps,
     # so 9 steps and then 7 more is another schedule than 16 (a Ctrl-C'd run resumes exactly either way).
-    flags = [*TINY, "--dropout", "0.1", "--ckpt-every", "100", "--schedule", "constant"]
+    flags = [*TINY, "--dropout", "0.1", "--ckpt-every", "100", "--lr-schedule", "constant"]
     assert run(*flags, "--steps", "16", "--out", "straight") == 0
     assert run(*flags, "--steps", "9", "--out", "split") == 0
     assert run("--resume", "split", "--steps", "16") == 0
-    a, b = common.load_checkpoint("straight"), common.load_checkpoint("split")
+    a, b = runs.load_checkpoint("straight"), runs.load_checkpoint("split")
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     split = {r["step"]: r["loss"] for r in rows("split")}  # has an extra row: the end of the first part
@@ -62,29 +65,29 @@ def test_resume_is_bitwise_exact():
 
 
 def test_learning_rate_warms_up_then_stays_or_follows_a_cosine_to_zero():
-    c = dict(lr=2.0, warmup=10, schedule="constant")
+    c = config.Config(lr=2.0, warmup=10, lr_schedule="constant")
     assert train.learning_rate(c, 0, 0.0) == 0.2 and train.learning_rate(c, 4, 0.9) == 1.0
     assert train.learning_rate(c, 9, 0.0) == train.learning_rate(c, 500, 1.0) == 2.0
-    c["schedule"] = "cosine"
+    c.lr_schedule = "cosine"
     for done, factor in [(0.0, 1.0), (0.25, (1 + 2 ** -0.5) / 2), (0.5, 0.5), (1.0, 0.0), (1.5, 0.0)]:
         assert abs(train.learning_rate(c, 100, done) - 2.0 * factor) < 1e-12
     assert abs(train.learning_rate(c, 4, 0.5) - 0.5) < 1e-12  # warm-up and decay multiply
 
 
 def test_minutes_trains_for_the_time_spent_and_resumes_with_a_larger_budget(capsys):
-    assert run(*TINY, "--minutes", "0.02", "--schedule", "cosine", "--warmup", "2", "--out", "r") == 0
-    first = common.load_checkpoint("r")
+    assert run(*TINY, "--minutes", "0.02", "--lr-schedule", "cosine", "--warmup", "2", "--out", "r") == 0
+    first = runs.load_checkpoint("r")
     assert 1.2 <= first["seconds"] < 1.2 + 1.0 and first["step"] > 5 and first["config"]["minutes"] == 0.02
-    assert float(rows("r")[-1]["lr"]) < 0.01 * train.CONFIGS["digits"]["lr"]  # decayed to ~0 at the end
+    assert float(rows("r")[-1]["lr"]) < 0.01 * config.Config.lr  # decayed to ~0 at the end
     capsys.readouterr()
     assert run("--resume", "r") == 2 and "pass a larger --minutes" in capsys.readouterr().err
     assert run("--resume", "r", "--minutes", "0.04") == 0
-    second = common.load_checkpoint("r")
+    second = runs.load_checkpoint("r")
     assert 2.4 <= second["seconds"] < 2.4 + 1.0 and second["step"] > first["step"]
     seconds = [float(r["seconds"]) for r in rows("r")]
     assert seconds == sorted(seconds) and seconds[-1] >= 2.4  # one clock across the two sessions
     assert run("--resume", "r", "--steps", str(second["step"] + 3)) == 0  # --steps turns it back into steps
-    assert common.load_checkpoint("r")["step"] == second["step"] + 3
+    assert runs.load_checkpoint("r")["step"] == second["step"] + 3
 
 
 def test_bf16_autocast_trains_on_the_cpu(capsys):
@@ -92,31 +95,33 @@ def test_bf16_autocast_trains_on_the_cpu(capsys):
     assert "bfloat16" in capsys.readouterr().out
     losses = [float(r["loss"]) for r in rows("r")]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    assert all(v.dtype == torch.float32 for v in common.load_checkpoint("r")["model"].values())  # weights stay fp32
+    assert all(v.dtype == torch.float32 for v in runs.load_checkpoint("r")["model"].values())  # weights stay fp32
     assert run("--resume", "r", "--steps", "22") == 0 and "bfloat16" in capsys.readouterr().out  # kept on resume
     assert run("--resume", "r", "--steps", "24", "--amp", "off") == 0 and "float32" in capsys.readouterr().out
 
 
 def test_amp_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(common, "native_bf16", lambda device: True)
-    assert common.pick_amp("auto", cpu) == torch.bfloat16 and common.pick_amp("off", cpu) is None
-    monkeypatch.setattr(common, "native_bf16", lambda device: False)
-    assert common.pick_amp("auto", cpu) is None and common.pick_amp("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(cli, "native_bf16", lambda device: True)
+    assert cli.pick_amp("auto", cpu) == torch.bfloat16 and cli.pick_amp("off", cpu) is None
+    monkeypatch.setattr(cli, "native_bf16", lambda device: False)
+    assert cli.pick_amp("auto", cpu) is None and cli.pick_amp("bf16", cpu) == torch.bfloat16
 
 
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(monkeypatch):
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_tmp(monkeypatch, capsys):
     assert run(*TINY, "--steps", "5", "--out", "r") == 0
-    before = common.load_checkpoint("r")["step"]
+    before = runs.load_checkpoint("r")["step"]
 
     def dies_halfway(obj, f):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(OSError):
-        run("--resume", "r", "--steps", "10")
-    assert common.load_checkpoint("r")["step"] == before
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", dies_halfway)
+        assert run("--resume", "r", "--steps", "10") == 2
+    assert "error: cannot write r/ckpt.pt: disk full; nothing there was changed" in capsys.readouterr().err
+    assert runs.load_checkpoint("r")["step"] == before and not [f for f in os.listdir("r") if f.endswith(".tmp")]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(monkeypatch, capsys):
@@ -131,10 +136,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(monkeypatch, caps
 
     monkeypatch.setattr(ddpm.Diffusion, "training_loss", goes_nan)
     capsys.readouterr()
-    assert run("--resume", "r", "--steps", "10") == train.DIVERGED
+    assert run("--resume", "r", "--steps", "10") == cli.DIVERGED
     err = capsys.readouterr().err
-    assert "loss became nan at step 8" in err and "r/ckpt.pt" in err
-    assert common.load_checkpoint("r")["step"] == 5
+    assert "became NaN or infinite at step 8" in err and "r/ckpt.pt" in err
+    assert runs.load_checkpoint("r")["step"] == 5
 
 
 def test_a_kill_while_loss_csv_is_rewritten_loses_no_row_and_a_torn_row_is_harmless(monkeypatch):
@@ -147,7 +152,7 @@ def test_a_kill_while_loss_csv_is_rewritten_loses_no_row_and_a_torn_row_is_harml
         raise RuntimeError("killed")
 
     with monkeypatch.context() as m:
-        m.setattr(train.LossLog, "_write", killed)
+        m.setattr(runs.LossLog, "_write", killed)
         with pytest.raises(RuntimeError):
             run("--resume", "r", "--steps", "30")
     assert rows("r") == before
@@ -162,7 +167,7 @@ def test_a_finished_run_without_its_grid_gets_it_on_resume(capsys):
     assert run(*TINY, "--steps", "3", "--out", "r") == 0
     os.remove("r/samples.png")
     assert run("--resume", "r") == 0 and os.path.exists("r/samples.png")
-    assert common.load_checkpoint("r")["step"] == 3
+    assert runs.load_checkpoint("r")["step"] == 3
     capsys.readouterr()
     assert run("--resume", "r") == 2 and "already trained" in capsys.readouterr().err
 
@@ -177,8 +182,8 @@ def test_the_grid_is_the_one_sample_py_draws_with_the_run_seed():
 
 def test_the_checkpoint_records_the_presets_dropout():
     assert run(*TINY, "--steps", "1", "--out", "r") == 0
-    assert common.load_checkpoint("r")["config"]["dropout"] == unet.PRESETS["digits"]["dropout"]
-    assert train.CONFIGS["digits"]["dropout"] is None  # one source: unet.PRESETS
+    assert runs.load_checkpoint("r")["config"]["dropout"] == unet.PRESETS["digits"]["dropout"]
+    assert config.Config.dropout is None  # one source: unet.PRESETS
 
 
 def test_folder_of_images(tmp_path):
@@ -187,19 +192,19 @@ def test_folder_of_images(tmp_path):
     for i in range(40):  # mixed sizes and a subfolder; grey images
         size = (12 + i % 5, 10 + i % 3)
         Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8)).save(f"imgs{'/sub' if i % 2 else ''}/{i}.png")
-    images, labels, levels = common.load_dataset("imgs", image_size=8)
-    assert images.shape == (40, 1, 8, 8) and images.dtype == torch.uint8 and levels == 256
+    images, labels, levels, split = data.load_dataset("imgs", image_size=8)
+    assert images.shape == (40, 1, 8, 8) and images.dtype == torch.uint8 and levels == 256 and split == "all"
     Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save("rgb.png")
     os.makedirs("rgbs")
     os.rename("rgb.png", "rgbs/a.jpg")
-    assert common.load_dataset("rgbs", image_size=4)[0].shape == (1, 3, 4, 4)
+    assert data.load_dataset("rgbs", image_size=4)[0].shape == (1, 3, 4, 4)
     assert run(*TINY, "--dataset", "imgs", "--image-size", "8", "--steps", "3", "--out", "f") == 0
-    assert common.load_checkpoint("f")["model_config"]["image_size"] == 8
+    assert runs.load_checkpoint("f")["model_config"]["image_size"] == 8
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "imagenet"], "unknown dataset"),
-    (["--config", "imagenet"], "unknown config"),
+    (["--config", "imagenet"], "invalid choice: 'imagenet'"),
     (["--dataset", "no/such/folder", "--image-size", "8"], "does not exist"),
     (["--dataset", "empty/", "--image-size", "8"], "no images"),
     (["--dataset", "broken/", "--image-size", "8"], "cannot read image"),
@@ -223,12 +228,12 @@ def test_folder_of_images(tmp_path):
     (["--sigma", "learned"], "needs --objective vlb"),
     (["--predict", "xprev"], "invalid choice"),
     (["--resume", "r", "--out", "elsewhere"], "leave out --out and --config"),
-    (["--out", "logs"], "already holds loss.csv"),
+    (["--out", "logs"], "logs is not empty (loss.csv, ...) and a run writes only into a new or empty folder"),
     (["--resume", "no-optimizer.pt"], "cannot be resumed: it holds no optimizer"),
     (["--minutes", "0"], "must be positive"), (["--minutes", "nan"], "must be positive"),
     (["--minutes", "1"], "--minutes replaces --steps"),
     (["--amp", "fp16"], "--amp fp16 is not supported on cpu"),
-    (["--schedule", "linear"], "invalid choice"),
+    (["--lr-schedule", "linear"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert run(*TINY, "--steps", "2", "--out", "r") == 0
@@ -239,7 +244,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     with open("corrupt.pt", "wb") as f:
         f.write(b"\x00garbage")
     open("a-file", "w").close()
-    ckpt = common.load_checkpoint("r")
+    ckpt = runs.load_checkpoint("r")
     torch.save({**ckpt, "ema": dict(list(ckpt["ema"].items())[1:])}, "misfit.pt")  # a tensor missing
     torch.save({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "lr"}}, "old.pt")
     torch.save({**ckpt, "extra": torch.nn.Linear(2, 2)}, "malicious.pt")
@@ -276,7 +281,7 @@ def test_torchrun_two_processes_equal_one_process():
     # Float rounding differs (gradients are averaged across processes), and Adam divides by
     # sqrt(v): near-zero gradients (behind the zero-initialised output conv) turn rounding into
     # steps of a fraction of lr. Measured: 2e-5 = lr / 50. A different batch would move by ~lr.
-    a, b = common.load_checkpoint("ddp")["model"], common.load_checkpoint("one")["model"]
+    a, b = runs.load_checkpoint("ddp")["model"], runs.load_checkpoint("one")["model"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
@@ -291,7 +296,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
-    step = common.load_checkpoint("r")["step"]
+    step = runs.load_checkpoint("r")["step"]
     assert step >= 10 and f"saved step {step}" in out
     assert run("--resume", "r", "--steps", str(step + 2)) == 0
 

@@ -7,13 +7,10 @@ timestep embedding added inside every residual block, and single-head self-atten
 113,673,219.
 
 Timesteps: forward(x, t) takes the PAPER's t in {1..T}. The authors' code (and so their
-released weights) used 0-based t; `load_pretrained` sets t_offset=1 so those networks
+released weights) used 0-based t; pretrained.py's loader sets t_offset=1 so those networks
 see t-1. Nothing else in this file knows about that.
 """
-import json
 import math
-import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -108,6 +105,15 @@ class UNet(nn.Module):
         self.config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=ch_mult,
                            attn_resolutions=attn_resolutions, num_res_blocks=num_res_blocks, dropout=dropout,
                            image_size=image_size, T=T, t_offset=t_offset)
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+        for name, v in dict(in_channels=in_channels, out_channels=out_channels, ch=ch, num_res_blocks=num_res_blocks,
+                            image_size=image_size, T=T).items():  # e.g. read from a config.json
+            if not whole(v):
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if not ch_mult or not all(map(whole, ch_mult)) or not all(map(whole, attn_resolutions)):
+            raise ValueError(f"ch_mult={ch_mult!r} and attn_resolutions={attn_resolutions!r} must hold integers >= 1")
+        if not 0 <= dropout < 1 or t_offset not in (0, 1):
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1) and t_offset={t_offset!r} 0 or 1")
         if ch % 32:
             raise ValueError(f"ch={ch} must be a multiple of 32 (GroupNorm uses 32 groups)")
         n_down = len(ch_mult) - 1
@@ -173,18 +179,23 @@ class UNet(nn.Module):
             nn.init.zeros_(m.bias)
 
     def _check_inputs(self, x: torch.Tensor, t) -> torch.Tensor:
+        """Shapes and dtypes always; t's values where they are on the host (an int, a list). A tensor's values
+        are not read: that would make a GPU wait for every call (ddpm.py always passes t in 1..T)."""
         S, C = self.image_size, self.in_channels
         if x.ndim != 4 or x.shape[1] != C or x.shape[2] != S or x.shape[3] != S:
             raise ValueError(f"expected images of shape [B, {C}, {S}, {S}] (in_channels={C}, image_size={S}; "
                              f"image_size must be divisible by {2 ** (len(self.down) - 1)}), got {list(x.shape)}")
-        t = torch.as_tensor(t, device=x.device)
+        if not torch.is_tensor(t):
+            values = [t] if isinstance(t, int) else list(t)
+            if not all(isinstance(v, int) and 1 <= v <= self.T for v in values):
+                raise ValueError(f"t must hold integer timesteps in 1..{self.T} (the paper's convention), got {t}")
+            t = torch.full((x.shape[0],), t, device=x.device) if isinstance(t, int) else torch.tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must be an int or a tensor of shape [{x.shape[0]}], got shape {list(t.shape)}")
-        if t.is_floating_point() or t.is_complex() or ((t < 1) | (t > self.T)).any():
-            raise ValueError(f"t must hold integer timesteps in 1..{self.T} (the paper's convention), "
-                             f"got {t.tolist() if t.numel() <= 8 else t}")
+        if t.is_floating_point() or t.is_complex():
+            raise ValueError(f"t must hold integer timesteps in 1..{self.T}, got a tensor of {t.dtype}")
         return t
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -210,159 +221,3 @@ class UNet(nn.Module):
             if level.upsample is not None:  # nearest-neighbour x2, then a 3x3 conv
                 h = level.upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-# ---------------------------------------------------------------------------------------------
-# The authors' weights, as ported to Hugging Face (google/ddpm-cifar10-32, google/ddpm-celebahq-256,
-# google/ddpm-church-256, ...) in diffusers' UNet2DModel format.
-
-_DOWNLOAD_HINT = ("download it first, e.g. `huggingface-cli download google/ddpm-cifar10-32 --local-dir "
-                  "ddpm-cifar10-32` (newer huggingface_hub: `hf download ...`)")
-
-# diffusers name -> ours, applied in order. q/k/v come out as `.q.`/`.k.`/`.v.` and are fused below.
-# `query`/`key`/`value`/`proj_attn` are the deprecated names still stored in the original ports.
-_RENAMES = [
-    (r"^time_embedding\.linear_1\.", "time_mlp.0."), (r"^time_embedding\.linear_2\.", "time_mlp.2."),
-    (r"^conv_norm_out\.", "norm_out."), (r"^mid_block\.resnets\.0\.", "mid_res1."),
-    (r"^mid_block\.resnets\.1\.", "mid_res2."), (r"^mid_block\.attentions\.0\.", "mid_attn."),
-    (r"^(down|up)_blocks\.(\d+)\.resnets\.", r"\1.\2.res."),
-    (r"^(down|up)_blocks\.(\d+)\.attentions\.", r"\1.\2.attn."),
-    (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"down.\1.downsample."),
-    (r"^up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r"up.\1.upsample."),
-    (r"\.time_emb_proj\.", ".temb_proj."), (r"\.conv_shortcut\.", ".skip."), (r"\.group_norm\.", ".norm."),
-    (r"\.(to_out\.0|proj_attn)\.", ".proj_out."),
-    (r"\.(to_q|query)\.", ".q."), (r"\.(to_k|key)\.", ".k."), (r"\.(to_v|value)\.", ".v."),
-]
-
-# diffusers UNet2DModel settings that must hold for the weights to be this architecture.
-_DDPM_SETTINGS = dict(act_fn="silu", flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_num_groups=32,
-                      norm_eps=1e-6, time_embedding_type="positional", center_input_sample=False,
-                      mid_block_scale_factor=1, resnet_time_scale_shift="default", attention_head_dim=None,
-                      class_embed_type=None, num_class_embeds=None, add_attention=True)
-
-
-def _config_from_json(cfg: dict, source) -> dict:
-    """Our constructor kwargs from a diffusers UNet2DModel config.json."""
-    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"{source}: _class_name={cfg['_class_name']!r}, expected 'UNet2DModel'")
-    for k, want in _DDPM_SETTINGS.items():
-        if k in cfg and cfg[k] != want:
-            raise ValueError(f"{source}: {k}={cfg[k]!r} is not the DDPM architecture (needs {want!r})")
-    try:
-        down, up, boc = cfg["down_block_types"], cfg["up_block_types"], cfg["block_out_channels"]
-        size, ch = cfg["sample_size"], boc[0]
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        config = dict(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], ch=ch,
-                      ch_mult=tuple(c // ch for c in boc), num_res_blocks=cfg["layers_per_block"],
-                      attn_resolutions=tuple(size // 2 ** i for i, b in enumerate(down) if "Attn" in b),
-                      dropout=cfg.get("dropout", 0.0), image_size=size, T=1000)  # T: all the authors' models
-    except (KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"{source}: not a UNet2DModel config (missing or bad {e})") from None
-    if (set(down) - {"DownBlock2D", "AttnDownBlock2D"} or set(up) - {"UpBlock2D", "AttnUpBlock2D"}
-            or ["Attn" in b for b in down] != ["Attn" in b for b in reversed(up)] or any(c % ch for c in boc)):
-        raise ValueError(f"{source}: unsupported blocks {down} / {up} / block_out_channels {boc}")
-    return config
-
-
-def _config_from_weights(sd: dict, source) -> dict:
-    """Infer the configuration from the weight shapes when no config.json is available."""
-    try:
-        ch, in_channels = sd["conv_in.weight"].shape[:2]
-        levels = sorted({int(k.split(".")[1]) for k in sd if k.startswith("down_blocks.")})
-        ch_mult = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // ch for i in levels)
-        num_res_blocks = len({k.split(".")[3] for k in sd if k.startswith("down_blocks.0.resnets.")})
-        attn = [i for i in levels if any(k.startswith(f"down_blocks.{i}.attentions.") for k in sd)]
-        out_channels = sd["conv_out.weight"].shape[0]
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"{source} does not look like a diffusers UNet2DModel state dict (no {e})") from None
-    if not attn:
-        raise ValueError(f"{source}: cannot infer image_size without attention layers; pass config_path")
-    image_size = 16 * 2 ** attn[0]  # every model in the paper attends at 16x16 (cifar10: 32, 256x256: 256)
-    return dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=ch_mult,
-                attn_resolutions=tuple(image_size // 2 ** i for i in attn), num_res_blocks=num_res_blocks,
-                dropout=0.0, image_size=image_size, T=1000)
-
-
-def _from_diffusers(sd: dict, ours: dict, source) -> dict:
-    """Rename a diffusers UNet2DModel state dict to ours, fusing q/k/v; every key and shape is checked."""
-    out, qkv = {}, {}
-    for key, w in sd.items():
-        name = key
-        for pattern, repl in _RENAMES:
-            name = re.sub(pattern, repl, name)
-        m = re.fullmatch(r"(.+)\.([qkv])\.(weight|bias)", name)
-        target = f"{m[1]}.qkv.{m[3]}" if m else name
-        if target not in ours:
-            raise ValueError(f"{source}: unrecognised key {key!r}; it is not a parameter of the DDPM UNet")
-        if m:
-            if m[2] in qkv.setdefault(target, {}):
-                raise ValueError(f"{source}: duplicate key {key!r} (both old and new attention names?)")
-            qkv[target][m[2]] = w
-        else:
-            out[name] = w
-    for target, parts in qkv.items():
-        if len(parts) != 3:
-            raise ValueError(f"{source}: missing attention part(s) {sorted({'q', 'k', 'v'} - set(parts))} of {target}")
-        out[target] = torch.cat([parts["q"], parts["k"], parts["v"]])  # our fused [q; k; v] layout
-    if missing := [k for k in ours if k not in out]:
-        raise ValueError(f"{source}: missing {len(missing)} parameter(s), e.g. {missing[0]!r} (our name)")
-    for k, w in out.items():
-        if w.shape != ours[k].shape:
-            raise ValueError(f"{source}: shape {list(w.shape)} for {k!r} (our name), expected {list(ours[k].shape)}")
-    return out
-
-
-def load_tensors(path):
-    """torch.load that never runs code from the file (weights_only=True), with a one-line ValueError that
-    says what is wrong with the file (and never suggests trusting it) instead of PyTorch's advice."""
-    import warnings
-    with warnings.catch_warnings():  # the unpickler warns about protocols before it refuses
-        warnings.simplefilter("ignore")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            text = str(e)
-            if "Unsupported global" in text:
-                raise ValueError(f"{path} holds Python objects other than tensors and plain values: not loaded, "
-                                 f"since loading it could run code; it is not a file of weights") from None
-            why = "" if text.startswith("Weights only") else f": {text.splitlines()[0][:120]}" if text else ""
-            raise ValueError(f"{path} is not a readable checkpoint or weights file (truncated or corrupt?){why}") \
-                from None
-
-
-def load_pretrained(path, config_path=None) -> UNet:
-    """Load the authors' weights from a Hugging Face port (diffusers UNet2DModel format).
-
-    path: `diffusion_pytorch_model.safetensors` or `.bin`, or the directory holding it (or its `unet/`).
-    config_path: the repo's config.json; by default the one next to the weights, else the
-    configuration is inferred from the weight shapes. Returns the model in eval mode, with
-    t_offset=1 because the authors trained on 0-based t: call it with the paper's t in {1..T}.
-    """
-    path = Path(path)
-    if path.is_dir():
-        names = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
-        found = [d / n for d in (path, path / "unet") for n in names if (d / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors/.bin in {path}; {_DOWNLOAD_HINT}")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found; {_DOWNLOAD_HINT}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    elif path.suffix in (".bin", ".pt", ".pth"):
-        sd = load_tensors(path)
-    else:
-        raise ValueError(f"{path}: expected a .safetensors or .bin weights file")
-    if config_path is None and (path.parent / "config.json").is_file():
-        config_path = path.parent / "config.json"
-    if config_path is not None:
-        if not Path(config_path).is_file():
-            raise FileNotFoundError(f"config file {config_path} not found; {_DOWNLOAD_HINT}")
-        config = _config_from_json(json.loads(Path(config_path).read_text()), config_path)
-    else:
-        config = _config_from_weights(sd, path)
-
-    model = UNet(**config, t_offset=1)  # the authors' networks embed 0-based t = paper t - 1
-    model.load_state_dict(_from_diffusers(sd, model.state_dict(), path))
-    return model.eval()

@@ -1,0 +1,271 @@
+"""Run folders and what is in them: atomic writes, one program per folder, files the programs own,
+checkpoints, and loading a trained run.
+
+The promises (docs/reliability.md): every file is written whole or not at all; one program writes a folder
+at a time, and a killed one leaves no lock behind; a program writes only into an empty folder or over files
+these programs wrote there (recorded in the folder's .written), never over anything else.
+"""
+import csv
+import errno
+import fcntl
+import glob
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+
+import torch
+
+from cli import UsageError, first_line
+from ddpm import Diffusion, linear_betas
+from unet import UNet
+
+RUNS = "runs"          # train.py writes runs/<config>[-N]/
+CHECKPOINT = "ckpt.pt"
+LOCK, WRITTEN = ".lock", ".written"  # bookkeeping in every folder the programs write
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def write_atomic(path, write, mode="w"):
+    """write(f) into a temporary file, then rename it over `path`: a crash, a signal or a full disk leaves
+    the old file whole and no temporary file behind. A full disk is one line naming the file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or _disk_full(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if full or isinstance(e, OSError):  # torch.save reports a full disk as a RuntimeError
+            why = "no space left on device" if full else e.strerror or first_line(e)
+            raise UsageError(f"cannot write {path}: {why}; nothing there was changed") from None
+        raise
+
+
+def _disk_full(path):
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
+    except OSError:
+        return False
+
+
+def check_writable(path):
+    """Fail now, in one line, if the directory `path` (made later if missing) could not be written:
+    before any expensive work, and without creating anything."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"cannot write to {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {path}: {existing} is not writable")
+    return path
+
+
+def check_memory(nbytes, what):
+    """Refuse, before starting, what could not fit in the machine's memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > available:
+        raise UsageError(f"{what} need {nbytes / 2**30:,.1f} GiB of memory; this machine has "
+                         f"{available / 2**30:,.1f} GiB available: ask for less")
+
+
+def check_disk(path, nbytes, what):
+    """Refuse, before starting, what could not fit on the disk that `path` (or its nearest parent) is on."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if nbytes > free:
+        raise UsageError(f"{what} need about {nbytes / 2**30:,.2f} GiB on disk; {existing} has "
+                         f"{free / 2**30:,.2f} GiB free: ask for less, or free some space")
+
+
+# ---- folders: one program at a time, and only over the programs' own files -------------------------
+@contextmanager
+def locked(folder):
+    """Hold `folder` (made if missing) for this program: a second program that asks for it gets a one-line
+    error. The OS drops the lock when the process ends, however it ends, so none is ever left stale."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(f"{folder} is being written by another program (process {holder}): wait for it to end, "
+                         f"or write elsewhere") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def foreign(folder):
+    """The files in `folder` that the programs did not write there (bookkeeping and .tmp files aside)."""
+    if not os.path.isdir(folder):
+        return []
+    ours = written(folder) | {LOCK, WRITTEN}
+    return sorted(f for f in os.listdir(folder) if f not in ours and not f.endswith(".tmp"))
+
+
+def written(folder):
+    """The relative paths the programs recorded as theirs in `folder`."""
+    try:
+        with open(os.path.join(folder, WRITTEN), encoding="utf-8", errors="replace") as f:
+            return {line.rstrip("\n") for line in f if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
+def check_claim(folder, names, force=False):
+    """Before writing `names` (paths relative to `folder`): refuse a file there that these programs did not
+    write, and one they did unless force."""
+    ours = written(folder)
+    for name in names:
+        if os.path.lexists(os.path.join(folder, name)):
+            if name not in ours:
+                raise UsageError(f"{os.path.join(folder, name)} was not written by these programs: it is never "
+                                 f"overwritten; move it away, or write elsewhere")
+            if not force:
+                raise UsageError(f"{os.path.join(folder, name)} exists: pass --force to replace it, or write "
+                                 f"elsewhere")
+
+
+def claim(folder, names, drop=()):
+    """Record `names` as the programs' own files in `folder` (and forget `drop`), before writing them."""
+    kept = sorted((written(folder) - set(drop)) | set(names))
+    os.makedirs(folder, exist_ok=True)
+    write_atomic(os.path.join(folder, WRITTEN), lambda f: f.write("".join(n + "\n" for n in kept)))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(obj, path):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def load_tensors(path):
+    """torch.load that never runs code from the file (weights_only=True), with a one-line error that says
+    what is wrong with the file (and never suggests trusting it) instead of PyTorch's advice."""
+    with warnings.catch_warnings():  # the unpickler warns about protocols before it refuses
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            text = str(e)
+            if "Unsupported global" in text:
+                raise UsageError(f"{path} holds Python objects other than tensors and plain values: not loaded, "
+                                 f"since loading it could run code; it is not a file of weights") from None
+            why = "" if text.startswith("Weights only") else f": {text.splitlines()[0][:120]}" if text else ""
+            raise UsageError(f"{path} is not a readable checkpoint or weights file (truncated or corrupt?){why}") \
+                from None
+
+
+def load_checkpoint(path, needs=("T", "dataset")):
+    """Load a checkpoint written by train.py (safely: weights_only=True), checking its config has `needs`."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}: run `python train.py` first, or pass an existing file")
+    ckpt = load_tensors(path)
+    if not isinstance(ckpt, dict) or not {"model", "ema", "config", "model_config"} <= ckpt.keys():
+        raise UsageError(f"{path} is not a checkpoint written by train.py (missing model/ema/config)")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model_config"], dict) \
+            or (missing := [k for k in needs if k not in ckpt["config"]]):
+        raise UsageError(f"{path} was written by another version of train.py: its config lacks "
+                         f"{', '.join(missing) if isinstance(ckpt['config'], dict) else 'everything'}")
+    return ckpt
+
+
+def latest_checkpoint():
+    """The most recently written runs/*/ckpt.pt, or a message telling the user to train first."""
+    found = glob.glob(os.path.join(RUNS, "*", CHECKPOINT))
+    if not found:
+        raise UsageError(f"no checkpoint found under {RUNS}/: run `python train.py` first")
+    return max(found, key=os.path.getmtime)
+
+
+def restore(module, state, path, what="weights"):
+    """module.load_state_dict(state), with a one-line error when the checkpoint does not fit."""
+    if isinstance(module, torch.nn.Module) and isinstance(state, dict) and \
+            (bad := [k for k, v in state.items() if torch.is_tensor(v) and not v.is_floating_point()]):
+        raise UsageError(f"{path}: its {what} hold non-floating-point tensors (e.g. {bad[0]}): not weights")
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise UsageError(f"{path}: its {what} do not fit its own configuration ({first_line(e, 150)})") from None
+
+
+def make_diffusion(config, sigma=None):
+    """The one place a run's configuration becomes its Diffusion: the paper's linear schedule over
+    config["T"], its sigma (or `sigma` instead) and its parameterisation (older runs: eps, beta)."""
+    return Diffusion(linear_betas(config["T"]), sigma=sigma or config.get("sigma", "beta"),
+                     predict=config.get("predict", "eps"))
+
+
+def load_run(path, ema=True, sigma=None):
+    """(network in eval mode, its Diffusion, the checkpoint) of a train.py run, needing no flags: the one
+    loader of sample.py and evaluate.py. sigma: sample with another fixed variance than the run's."""
+    ckpt = load_checkpoint(path)
+    if sigma and ckpt["config"].get("sigma") == "learned":
+        raise UsageError(f"{path} learned its variance (--sigma learned): leave --sigma out")
+    try:
+        model = UNet(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{path} does not fit this version of unet.py: {first_line(e, 150)}") from None
+    restore(model, ckpt["ema" if ema else "model"], path, "EMA weights" if ema else "weights")
+    return model.eval(), make_diffusion(ckpt["config"], sigma), ckpt
+
+
+def run_folder(path):
+    """The folder of a run given as its folder or its ckpt.pt."""
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+class LossLog:
+    """A run's loss.csv: one row every --log-every steps. On resume the rows after the checkpoint are dropped
+    by an atomic rewrite, so a kill at any moment loses no row; a torn row (a kill mid-append) is skipped."""
+    FIELDS = ["step", "loss", "lr", "seconds"]
+
+    def __init__(self, path, keep_until):
+        self.path = path
+        kept = [r for r in read_rows(path) if int(r["step"]) <= keep_until]
+        write_atomic(path, lambda f: self._write(f, kept, header=True))
+
+    def _write(self, f, rows, header=False):
+        w = csv.DictWriter(f, fieldnames=self.FIELDS, extrasaction="ignore")
+        if header:
+            w.writeheader()
+        w.writerows(rows)
+
+    def append(self, step, loss, lr, seconds):
+        try:
+            with open(self.path, "a", newline="") as f:
+                self._write(f, [dict(step=step, loss=f"{loss:.6f}", lr=f"{lr:.3g}", seconds=f"{seconds:.1f}")])
+        except OSError as e:
+            raise UsageError(f"cannot write {self.path}: {e.strerror}; the last checkpoint is kept") from None
+
+
+def read_rows(path):
+    """The whole, well-formed rows of a loss.csv (none if it is missing); a torn or garbled row is skipped."""
+    def whole(r):
+        try:
+            int(r["step"]), float(r["loss"])
+            return True
+        except (TypeError, ValueError, KeyError):
+            return False
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return [r for r in csv.DictReader(f) if whole(r)]
