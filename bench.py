@@ -1,11 +1,14 @@
-"""Benchmarks. `python bench.py` runs every section; `python bench.py unet` just one.
+"""Benchmarks, each side by side with its baseline in one process. `python bench.py` runs every section;
+`python bench.py train` just one.
 
+train: train.py's own training step (cifar10 at batch 128 on a GPU, digits elsewhere) in the paper's float32
+against bf16, channels-last, torch.compile, CUDA graphs and fused Adam: images/s, peak memory, TFLOP/s.
+sample: the sampler against its network calls alone, and what 50,000 samples for FID would take.
 unet: forward+backward images/s of our network against diffusers' UNet2DModel of the same
 configuration (the format of the authors' ported weights), measured side by side in one
 process with the repeats interleaved, so background load hits both alike; medians reported.
 modes: our network's training step and sampling call in bf16 autocast and/or torch.compile,
 as ratios against fp32 eager, interleaved in one process (and what compiling costs up front).
-sample: the sampler's overhead around the network.
 """
 import argparse
 import ctypes
@@ -18,8 +21,10 @@ import time
 import torch
 
 import cli
+import train
 import unet
-from ddpm import Diffusion, generate
+from config import NETWORK, Config
+from ddpm import Diffusion, generate, linear_betas
 
 # (preset, batch) pairs for the unet section: cifar10 is 6 GMAC per image, so keep its batch small on CPU.
 UNET_CASES = [("cifar10", 8), ("digits", 128)]
@@ -90,7 +95,7 @@ def fwd_bwd(module, forward, x, t, amp=None):
 
 
 def bench_unet(args):
-    device = cli.pick_device(args.device or "auto")
+    device = cli.pick_device(args.device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     print(f"== unet: forward+backward on {device} ({torch.get_num_threads()} threads, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {args.amp or 'fp32'}), "
@@ -149,20 +154,22 @@ def bench_unet(args):
 
 
 def bench_sample(args):
-    """sample.py's Algorithm 2: 64 digits, all 1,000 steps, against its baseline, the same 1,000
-    network calls alone, so the ratio is what the sampler adds around the network."""
-    device = cli.pick_device(args.device or "auto")
-    print(f"== sample: 64 digits x 1000 steps on {device} ({torch.get_num_threads()} threads), "
+    """The sampler (ddpm.generate, as sample.py calls it) against the same network calls alone, so the ratio is
+    what the sampler adds around the network; and what 50,000 samples for FID would take at that rate."""
+    device = cli.pick_device(args.device)
+    preset = args.preset or ("cifar10" if device.type == "cuda" else "digits")
+    batch, T = args.batch or (256 if device.type == "cuda" else 64), args.steps or 1000
+    print(f"== sample: {batch} {preset} images x {T} steps on {device} ({torch.get_num_threads()} threads), "
           f"median of {max(1, args.repeats // 2)} interleaved repeats")
     warn_if_busy()
     torch.manual_seed(0)
-    model, diffusion = unet.build("digits").to(device).eval(), Diffusion()
-    x = torch.randn(64, 1, 8, 8, device=device)
+    model, diffusion = unet.build(preset, T=T).to(device).eval(), Diffusion(linear_betas(T))
+    x = torch.randn(batch, model.in_channels, model.image_size, model.image_size, device=device)
     times = {"ddpm.generate": [], "network alone": []}
     with torch.inference_mode():
         for _ in range(max(1, args.repeats // 2)):
             start = time.perf_counter()
-            generate(model, diffusion, 64)
+            generate(model, diffusion, batch)
             sync(device)
             times["ddpm.generate"].append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -172,17 +179,113 @@ def bench_sample(args):
             times["network alone"].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        print(f"  {k:16s} {v:6.1f} s")
+        print(f"  {k:16s} {v:8.2f} s  {batch * T / v:10,.0f} image-steps/s")
     print(f"  ratio sampler/network: {med['ddpm.generate'] / med['network alone']:.3f} (1.0: no overhead)")
+    print(f"  50,000 samples x 1,000 steps (FID) at this rate: {50_000 * 1000 / (batch * T / med['ddpm.generate']) / 3600:.1f} h")
+
+
+# Dense peak TFLOP/s by NVIDIA's specifications (SXM parts), for the share of it a step achieves.
+PEAK_TFLOPS = {"H100": dict(bf16=989, fp32=67), "H200": dict(bf16=989, fp32=67), "A100": dict(bf16=312, fp32=19.5)}
+
+
+def train_variants(device):
+    """The fast paths bench_train measures, each against the paper's float32 eager step. CUDA-only ones
+    (CUDA graphs, fused Adam) are left out elsewhere."""
+    cuda = device.type == "cuda"
+    variants = {"fp32 eager (the paper's)": {}, "bf16": dict(amp="bf16"),
+                "bf16 + channels-last": dict(amp="bf16", channels_last=True),
+                "bf16 + compile": dict(amp="bf16", compile="on")}
+    if cuda:
+        variants.update({"bf16 + fused Adam": dict(amp="bf16", fused=True),
+                         "bf16 + compile + CUDA graphs": dict(amp="bf16", compile="graphs"),
+                         "bf16 + compile + fused + c-last": dict(amp="bf16", compile="on", fused=True,
+                                                                   channels_last=True)})
+    return variants
+
+
+def train_run(preset, batch, device, variant):
+    """A train.py Run (train.build, and train.compiled for compile) on random images of the preset's shape."""
+    cfg = unet.PRESETS[preset]
+    images = torch.randint(0, 256, (4 * batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"]),
+                           dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    c = Config(preset=preset, batch_size=batch, steps=10**6, amp=variant.get("amp", "off"),
+               compile=variant.get("compile", "off"), **{k: cfg[k] for k in NETWORK})
+    r = train.build(c, images, 256, device, (0, 1))
+    if variant.get("channels_last"):
+        r.model.to(memory_format=torch.channels_last)
+    if variant.get("fused"):
+        r.opt = torch.optim.Adam(r.model.parameters(), lr=c.lr, fused=True)
+    r.model.train()
+    r.net = train.compiled(r)
+    return r
+
+
+def bench_train(args):
+    """train.py's own training step (train.train_step) for a preset and batch: the paper's float32 eager
+    against bf16 and each faster path, side by side in one process, repeats interleaved; with each one's
+    peak memory and the TFLOP/s it achieves against the device's peak."""
+    device = cli.pick_device(args.device)
+    preset = args.preset or ("cifar10" if device.type == "cuda" else "digits")
+    batch = args.batch or 128
+    print(f"== train: train.py's step, {preset} at batch {batch} on {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+          f", median of {args.repeats} interleaved repeats")
+    warn_if_busy()
+    flops = train_flops(preset)
+    runs_, memory, first = {}, {}, {}
+    for name, variant in train_variants(device).items():
+        start = time.perf_counter()
+        try:
+            r = runs_[name] = train_run(preset, batch, device, variant)
+            reset_peak_memory(device)
+            for _ in range(3):  # the first steps compile, capture and warm up
+                train.train_step(r)
+            sync(device)
+        except Exception as e:  # a path this machine cannot take: one line, and the others go on
+            print(f"  {name}: skipped ({cli.first_line(e, 120)})")
+            runs_.pop(name, None)
+            continue
+        first[name], memory[name] = time.perf_counter() - start, peak_memory_mb(device)
+    steps = max(1, round(0.5 / max(1e-3, min(first.values()) / 3)))  # about half a second per repeat
+    times = {name: [] for name in runs_}
+    for _ in range(args.repeats):
+        for name, r in runs_.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                train.train_step(r)
+            sync(device)
+            times[name].append((time.perf_counter() - start) / steps)
+    base = batch / statistics.median(times[next(iter(times))])
+    peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
+                None)
+    print(f"  {flops / 1e9:.1f} GFLOP per training image (forward and backward of the network)")
+    print(f"  {'path':32s} {'images/s':>9s} {'ratio':>6s} {'first 3 steps':>14s} {'peak memory':>12s} {'TFLOP/s':>8s}"
+          + ("  of peak" if peak else ""))
+    for name, t in times.items():
+        rate = batch / statistics.median(t)
+        tflops = rate * flops / 1e12
+        share = f"  {tflops / peak['bf16' if 'bf16' in name else 'fp32']:7.1%}" if peak else ""
+        print(f"  {name:32s} {rate:9,.0f} {rate / base:6.2f} {first[name]:12.1f} s {memory[name]:9,.0f} MB "
+              f"{tflops:8.1f}{share}")
+
+
+def train_flops(preset):
+    """FLOPs of one training image through the network, forward and backward (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = unet.build(preset)
+    x = torch.randn(1, model.in_channels, model.image_size, model.image_size)
+    with FlopCounterMode(display=False) as counter:
+        model(x, torch.ones(1, dtype=torch.long)).sum().backward()
+    return counter.get_total_flops()
 
 
 def bench_modes(args):
     """fp32 eager (the baseline) against bf16 autocast, torch.compile, both (and channels-last on CUDA)
     for a training step (forward+backward, batch --batch or the unet case's) and a sampling call (no grad,
     a batch of 500 for digits): ratios of medians; compile's one-off cost; bf16's largest output error."""
-    device = cli.pick_device(args.device or "auto")
+    device = cli.pick_device(args.device)
     preset = args.preset or "digits"
-    batch = args.batch or dict(UNET_CASES)[preset]
+    batch = args.batch or dict(UNET_CASES).get(preset, 8)
     print(f"== modes: the {preset} network on {device} ({torch.get_num_threads()} threads), train batch {batch}, "
           f"sampling batch {4 * batch if preset == 'digits' else batch}; median of {args.repeats} interleaved "
           f"repeats; native bf16: {cli.native_bf16(device)}")
@@ -229,30 +332,31 @@ def bench_modes(args):
     base = [statistics.median(v) for v in times["fp32 eager"]]
     print(f"  {'mode':13s} {'train step':>12s} {'ratio':>6s} {'sampling call':>14s} {'ratio':>6s} "
           f"{'first calls':>12s}  largest error of the output, relative to its largest value")
-    for name, (train, sampling) in times.items():
-        tr, sa = statistics.median(train), statistics.median(sampling)
+    for name, (training, sampling) in times.items():
+        tr, sa = statistics.median(training), statistics.median(sampling)
         print(f"  {name:13s} {1000 * tr:9.1f} ms {base[0] / tr:6.2f} {1000 * sa:11.1f} ms {base[1] / sa:6.2f} "
               f"{warmup[name]:10.1f} s  {err[name]:.1e}")
 
 
-SECTIONS = {"unet": bench_unet, "modes": bench_modes, "sample": bench_sample}
+SECTIONS = {"train": bench_train, "sample": bench_sample, "modes": bench_modes, "unet": bench_unet}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sections", nargs="*", metavar="section", help=f"any of: {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats per model (default 7)")
-    p.add_argument("--batch", type=int, help="override every case's batch size")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--repeats", type=cli.positive(hi=1000), default=7, help="timed repeats per case (default 7)")
+    p.add_argument("--batch", type=cli.positive(hi=2**16), help="override every case's batch size")
+    p.add_argument("--steps", type=cli.positive(hi=10**5), help="sample: diffusion steps (default 1000)")
+    p.add_argument("--threads", type=cli.positive(hi=1024), help="torch CPU threads (default: one per core)")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="unet: autocast both networks (default: fp32)")
-    p.add_argument("--preset", choices=list(dict(UNET_CASES)), help="modes: the network (default digits)")
+    p.add_argument("--preset", choices=list(unet.PRESETS), help="train, sample: the network (default cifar10 on a "
+                   "GPU, else digits); modes: digits or cifar10")
     p.add_argument("--channels-last", action="store_true",
-                   help="run both networks in channels_last (NHWC); on this 2-core CPU it was no faster")
+                   help="unet: run both networks in channels_last (NHWC); on this 2-core CPU it was no faster")
     args = p.parse_args()
-    unknown = [s for s in args.sections if s not in SECTIONS]
-    if unknown:
-        p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if unknown := [s for s in args.sections if s not in SECTIONS]:
+        raise cli.UsageError(f"unknown section {unknown[0]!r}: use some of {', '.join(SECTIONS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.sections or SECTIONS:
@@ -260,4 +364,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

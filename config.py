@@ -115,6 +115,7 @@ def resumed(given, flags):
     ckpt = runs.load_checkpoint(path, needs=[f.name for f in fields(Config) if f.metadata["before"] is MISSING])
     if missing := [k for k in ("optimizer", "step", "rng") if k not in ckpt]:
         raise UsageError(f"{path} cannot be resumed: it holds no {', '.join(missing)} (not written by train.py?)")
+    runs.check_fits(ckpt["model_config"], ckpt["model"], path)  # before anything is allocated
     names = {f.name for f in fields(Config)}
     stored = {RENAMED.get(k, k): v for k, v in ckpt["config"].items() if RENAMED.get(k, k) in names}
     for f in fields(Config):
@@ -123,6 +124,9 @@ def resumed(given, flags):
                              f"{given[f.name]}: a run cannot change it; start a new one without --resume")
     before = {f.name: f.metadata["before"] for f in fields(Config) if f.metadata["before"] is not MISSING}
     c = Config(**{**before, **stored, **given})
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    if wrong := [k for k in (*NETWORK, "T") if norm(getattr(c, k)) != norm(ckpt["model_config"].get(k))]:
+        raise UsageError(f"{path}: its settings and its network disagree on {wrong[0]} (edited by hand?)")
     if "steps" in given:  # --steps turns a --minutes run back into a step count
         c.minutes = None
     return c, runs.run_folder(path), ckpt

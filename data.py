@@ -4,6 +4,7 @@ A dataset is Dataset(images uint8 [N, C, H, W] with values 0..levels-1, labels o
 loaded into memory once: small and fast for digits-, MNIST- and CIFAR-sized data. `split` says what was
 read: "train", "test", or "all" (a folder without train/ and test/ subfolders serves all its images).
 """
+import functools
 import os
 import warnings
 from typing import NamedTuple, Optional
@@ -163,15 +164,21 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def batch_indices(step, n, batch_size, seed):
-    """Indices of the images in optimizer step `step`: epochs of a seeded permutation.
+def batch_indices(step, n, batch_size, seed, device="cpu"):
+    """Indices (on `device`) of the images in optimizer step `step`: epochs of a seeded permutation.
 
     The whole global batch is decided here and each process takes its slice, so a run does not depend
     on the number of GPUs, and resuming at a step needs no loader state.
     """
     epoch, k = divmod(step, n // batch_size)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
-    return perm[k * batch_size:(k + 1) * batch_size]
+    return _epoch_order(epoch, n, seed, torch.device(device))[k * batch_size:(k + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(epoch, n, seed, device):
+    """An epoch's permutation, drawn on the CPU (the same on every device) and moved once per epoch: a copy
+    each step would make the GPU drain its queue every step."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))).to(device)
 
 
 def grid_image(x, nrow=8, min_size=256, pad=1):

@@ -5,7 +5,6 @@ The Frechet distance is FID's formula (Heusel et al. 2017) in other features: no
 """
 import math
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -21,16 +20,17 @@ def dims(shape):
 
 def frechet_distance(a, b):
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between feature sets [N, d]: the Frechet
-    (2-Wasserstein) distance of Gaussians fitted to them -- the formula of FID (Heusel et al. 2017)."""
-    from scipy import linalg
+    (2-Wasserstein) distance of Gaussians fitted to them -- the formula of FID (Heusel et al. 2017).
+
+    Tr((S_a S_b)^(1/2)) is the sum of the square roots of S_a S_b's eigenvalues, which are real and >= 0
+    (S_a S_b is similar to S_b^(1/2) S_a S_b^(1/2)): unlike a matrix square root, this stays finite when
+    few samples (or dead features) make the covariances singular."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):  # samples of a diverged model: no distance
         return math.nan
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():  # dead ReLU features make S singular; the root is still fine
-        warnings.simplefilter("ignore")
-        root = linalg.sqrtm(s_a @ s_b).real
-    return mean_term(a, b) + float(np.trace(s_a + s_b - 2 * root))
+    root_trace = np.sqrt(np.linalg.eigvals(s_a @ s_b).real.clip(min=0)).sum()
+    return mean_term(a, b) + float(np.trace(s_a) + np.trace(s_b) - 2 * root_trace)
 
 
 def train_classifier(x, y, seed, steps=1000, batch=128):

@@ -214,17 +214,30 @@ def make_diffusion(config, sigma=None):
                      predict=config.get("predict", "eps"))
 
 
+def check_fits(model_config, state, path):
+    """That weights `state` are those of UNet(**model_config), found on the meta device (allocating nothing):
+    a hand-edited configuration could otherwise ask for any amount of memory before failing."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in UNet(**model_config).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{path} does not fit this version of unet.py: {first_line(e, 150)}") from None
+    given = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)} if isinstance(state, dict) else {}
+    if shapes != given:
+        wrong = sorted(set(shapes) ^ set(given)) or [k for k in shapes if shapes[k] != given[k]]
+        raise UsageError(f"{path}: its weights do not fit its own configuration (e.g. {wrong[0]})")
+
+
 def load_run(path, ema=True, sigma=None):
     """(network in eval mode, its Diffusion, the checkpoint) of a train.py run, needing no flags: the one
     loader of sample.py and evaluate.py. sigma: sample with another fixed variance than the run's."""
     ckpt = load_checkpoint(path)
     if sigma and ckpt["config"].get("sigma") == "learned":
         raise UsageError(f"{path} learned its variance (--sigma learned): leave --sigma out")
-    try:
-        model = UNet(**ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{path} does not fit this version of unet.py: {first_line(e, 150)}") from None
-    restore(model, ckpt["ema" if ema else "model"], path, "EMA weights" if ema else "weights")
+    state = ckpt["ema" if ema else "model"]
+    check_fits(ckpt["model_config"], state, path)
+    model = UNet(**ckpt["model_config"])
+    restore(model, state, path, "EMA weights" if ema else "weights")
     return model.eval(), make_diffusion(ckpt["config"], sigma), ckpt
 
 

@@ -307,3 +307,35 @@ def test_torchvision_dataset_without_torchvision_or_internet_is_one_line(capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("pip install torchvision" in err or "could not download" in err)
     assert not os.path.exists("m")
+
+
+def count_reads(monkeypatch):
+    """Counts the project's own reads of tensor values on the host (on a GPU each waits for the queue).
+    torch's are not counted: Adam reads its step counts, which live on the host even for a GPU."""
+    reads = {"n": 0, "on": False}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        def counted(self, *args, _real=getattr(torch.Tensor, name), **kwargs):
+            reads["n"] += reads["on"] and os.path.dirname(sys._getframe(1).f_code.co_filename) == HERE
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_the_training_loop_reads_the_device_only_at_log_steps(monkeypatch):
+    """Issue 17: no host reads inside a training step; the loss and the NaN check every --log-every steps."""
+    reads, real_train = count_reads(monkeypatch), train.train
+
+    def counted(r, out):
+        reads["on"] = True
+        try:
+            return real_train(r, out)
+        finally:
+            reads["on"] = False
+    monkeypatch.setattr(train, "train", counted)
+    assert run(*TINY, "--steps", "200", "--log-every", "20", "--ckpt-every", "100", "--out", "r") == 0
+    assert reads["n"] / 200 <= 0.1, reads["n"]  # two per log step: the loss, and the first non-finite step
+    monkeypatch.setattr(train, "train_step", lambda r: pytest.fail("must not train"))
+    model, diffusion, _ = runs.load_run("r")
+    reads["on"] = True
+    ddpm.generate(model, diffusion, 8, seed=0)  # all T steps of Algorithm 2
+    assert reads["n"] / 200 <= 0.1, "the sampler read the device"

@@ -132,12 +132,12 @@ def train_step(r):
     back from the device, so a GPU never waits for the host."""
     c, B = r.c, r.c.batch_size
     # Lines 2-4: x_0 ~ q(x_0), t ~ Uniform({1..T}), eps ~ N(0, I), for the global batch; this process's share
-    idx = batch_indices(r.step, len(r.images), B, c.seed)
+    idx = batch_indices(r.step, len(r.images), B, c.seed, r.device)
     t = r.diffusion.sample_t(B, r.noise, r.device)
     eps = torch.randn((B, *r.images.shape[1:]), generator=r.noise, device=r.device)
     flip = torch.rand(B, generator=r.noise, device=r.device) < 0.5
     mine = slice(r.rank * B // r.world, (r.rank + 1) * B // r.world)
-    x0 = to_model_range(r.images[idx[mine].to(r.device)], r.levels)
+    x0 = to_model_range(r.images[idx[mine]], r.levels)
     if c.flip:
         x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
     # Line 5: a gradient step on the objective, with warm-up/decay, clipping and an EMA of the weights
@@ -163,13 +163,13 @@ def train(r, out):
     """Steps until --steps or --minutes, or a stop signal; the loss is read, checked and logged every
     --log-every steps, a checkpoint written every --ckpt-every. Returns the stop signal's number, or 0."""
     c, main = r.c, r.rank == 0
-    log = runs.LossLog(os.path.join(out, "loss.csv"), keep_until=r.step) if main else None
     if main and r.step == 0:
-        save(r, out)  # a started run can always be resumed
+        save(r, out)  # first of all: a folder holding a started run can always be resumed
+    log = runs.LossLog(os.path.join(out, "loss.csv"), keep_until=r.step) if main else None
     bar = tqdm(total=None if c.minutes else c.steps, initial=r.step, disable=not main, dynamic_ncols=True, unit="step")
     t0, seconds0, step0 = time.time(), r.seconds, r.step
     r.model.train()
-    with StopSignals() as stop:
+    with StopSignals() as stop, bar:  # the bar is closed however the loop ends, so errors start a line
         while progress(r) < 1:
             loss = train_step(r)
             if r.world == 1 or r.step % c.log_every == 0:  # process 0's clock, so all processes agree
@@ -189,9 +189,7 @@ def train(r, out):
                 sample_grid(r, 16, os.path.join(out, f"samples_{r.step:07d}.png"))
             bar.update()
             if stopping:
-                bar.close()
                 return stopping
-    bar.close()
     print(f"trained {r.step - step0} steps in {time.time() - t0:.0f} s ({(r.step - step0) / (time.time() - t0):.1f} "
           f"steps/s), {r.step} in all; final loss {loss:.4f}")
     return 0
