@@ -247,6 +247,10 @@ def test_l_simple_is_zero_for_the_true_noise_and_t_is_uniform(betas, seed):
     noise = torch.randn(x0.shape, generator=g, dtype=F64)
     loss = d.training_loss(const_eps(0.0), x0, t=torch.ones(len(x0), dtype=torch.long), noise=noise)
     assert loss.item() == pytest.approx((noise**2).mean().item(), rel=1e-12)
+    each = d.training_loss(const_eps(0.0), x0, t=torch.ones(len(x0), dtype=torch.long), noise=noise, per_example=True)
+    assert torch.allclose(each, (noise**2).mean(1), rtol=1e-12) and each.mean().item() == pytest.approx(loss.item())
+    t = d.sample_t(len(x0), torch.Generator().manual_seed(seed))  # the one place t is drawn (train.py's too)
+    assert t.dtype == torch.long and t.min() >= 1 and t.max() <= len(betas)
 
 
 # 7. The discretised decoder (Eq. 13) ----------------------------------------------------------
@@ -451,8 +455,8 @@ def test_linear_schedule_scales_with_T(T):
 
 
 def test_float32_constants_close_to_float64_at_T():
-    d, x32 = Diffusion(), torch.zeros(1, dtype=torch.float32)
     """Tolerance: half a float32 ulp (2^-24 relative), i.e. the float64 value correctly rounded."""
+    d, x32 = Diffusion(), torch.zeros(1, dtype=torch.float32)
     for name in ("alpha_bar", "beta_tilde", "mu_tilde_coef_x0", "mu_tilde_coef_xt", "log_beta_tilde", "sigma2"):
         v64, v32 = getattr(d, name)[1000].item(), d.gather(name, 1000, x32).item()
         assert abs(v32 / v64 - 1) <= 2.0**-24, name

@@ -1,5 +1,6 @@
 """Tests of train.py on the CPU, with a tiny network so each run takes seconds."""
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -339,3 +340,33 @@ def test_the_training_loop_reads_the_device_only_at_log_steps(monkeypatch):
     reads["on"] = True
     ddpm.generate(model, diffusion, 8, seed=0)  # all T steps of Algorithm 2
     assert reads["n"] / 200 <= 0.1, "the sampler read the device"
+
+
+def test_every_flag_reaches_the_settings():
+    """Each row of Config is a flag, and the value given is the run's setting (the checkpoint stores asdict)."""
+    values = dict(config="cifar10", dataset="elsewhere", preset="cifar10", image_size=16, ch=64, ch_mult=(1, 2),
+                  num_res_blocks=3, attn_resolutions=(4,), dropout=0.2, T=50, predict="x0", objective="vlb",
+                  sigma="beta_tilde", steps=7, minutes=None, lr_schedule="constant", batch_size=16, lr=1e-3,
+                  warmup=3, grad_clip=0.5, ema_decay=0.99, flip=True, log_every=3, ckpt_every=4, sample_every=5,
+                  n_samples=6, seed=7, device="cpu", amp="bf16", compile="on")
+    assert set(values) == {f.name for f in dataclasses.fields(config.Config)}, "a new setting needs a value here"
+    argv = [a for k, v in values.items() if v is not None for a in
+            ([f"--{k.replace('_', '-')}" if v else f"--no-{k}"] if isinstance(v, bool) else
+             [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, tuple) else str(v)])]
+    c, out, _ = config.settings(*config.parse_args(argv))
+    assert dataclasses.asdict(c) == values and out == os.path.join("runs", "cifar10")
+    given, _ = config.parse_args(["--minutes", "2.5"])
+    assert config.settings(given, dict(out=None, resume=None))[0].minutes == 2.5
+
+
+def test_a_checkpoint_from_before_a_setting_resumes():
+    """A checkpoint written before a setting existed resumes with what it meant then (and an old name)."""
+    assert run(*TINY, "--steps", "4", "--out", "r") == 0
+    ckpt = runs.load_checkpoint("r")
+    before = [f.name for f in dataclasses.fields(config.Config) if f.metadata["before"] is not dataclasses.MISSING]
+    old = {k: v for k, v in ckpt["config"].items() if k not in before}
+    torch.save({**ckpt, "config": {**old, "schedule": "cosine"}}, "r/ckpt.pt")  # the old name of lr_schedule
+    assert run("--resume", "r", "--steps", "6") == 0
+    c = runs.load_checkpoint("r")["config"]
+    assert c["lr_schedule"] == "cosine" and c["amp"] == "off" and c["compile"] == "off"
+    assert c["minutes"] is None and "schedule" not in c
