@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -82,10 +83,10 @@ def parse_args(argv=None):
 
 
 def call(program, *argv):
-    """Run one of the programs; wait for it even through Ctrl-C (it got the same signal and saves first).
-    Its progress bars pass through. Returns (exit code, the last line it wrote to stderr, interrupted)."""
+    """Run one of the programs and wait for it. A stop signal is passed on to it, and waited through (it saves
+    first). Its progress bars pass through. Returns (exit code, the last line it wrote to stderr, signal)."""
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, program), *map(str, argv)], stderr=subprocess.PIPE)
-    interrupted, tail = False, b""
+    signum, tail = 0, b""
     while True:
         try:
             while chunk := proc.stderr.read1(4096):
@@ -93,9 +94,10 @@ def call(program, *argv):
                 sys.stderr.flush()
                 tail = (tail + chunk)[-4000:]
             lines = [x.strip() for x in tail.decode(errors="replace").replace("\r", "\n").splitlines() if x.strip()]
-            return proc.wait(), lines[-1] if lines else "", interrupted
-        except KeyboardInterrupt:
-            interrupted = True
+            return proc.wait(), lines[-1] if lines else "", signum
+        except KeyboardInterrupt as e:  # Ctrl-C reaches the whole terminal; `kill` reaches only this process
+            signum = getattr(e, "signum", signal.SIGINT)
+            proc.send_signal(signum)
 
 
 def run_row(row, seed, args, where):
@@ -108,23 +110,24 @@ def run_row(row, seed, args, where):
             raise UsageError(f"{where} was run with {record.get('budget')}, not {budget}: pass the same flags, "
                              f"or another --out")
         return record
-    ckpt, device = os.path.join(where, runs.CHECKPOINT), [f for k in ("device", "amp") if getattr(args, k)
-                                                          for f in (f"--{k}", getattr(args, k))]
+    ckpt = os.path.join(where, runs.CHECKPOINT)
+    passed = [f for k in ("device", "amp") if getattr(args, k) for f in (f"--{k}", getattr(args, k))]
     if os.path.exists(ckpt):  # a row interrupted before its record: continue it only with the same flags
         c = runs.load_checkpoint(ckpt)["config"]
-        if (c.get("T"), c.get("seed")) != (args.T, seed):
-            raise UsageError(f"{where} was trained with --T {c.get('T')} and seed {c.get('seed')}, not --T {args.T} "
-                             f"and seed {seed}: pass the same flags, or another --out")
-    if os.path.exists(ckpt) and runs.load_checkpoint(ckpt)["step"] >= args.steps \
+        if (c.get("T"), c.get("seed"), c.get("steps")) != (args.T, seed, args.steps):
+            raise UsageError(f"{where} was trained with --T {c.get('T')}, seed {c.get('seed')} and --steps "
+                             f"{c.get('steps')}, not --T {args.T}, seed {seed} and --steps {args.steps}: pass the "
+                             f"same flags, or another --out")
+    if os.path.exists(ckpt) and runs.load_checkpoint(ckpt)["step"] == args.steps \
             and os.path.exists(os.path.join(where, "samples.png")):
-        code, last, stop = 0, "", False
+        code, last, stop = 0, "", 0
     elif os.path.exists(ckpt):
-        code, last, stop = call("train.py", "--resume", where, "--steps", args.steps, *device)
+        code, last, stop = call("train.py", "--resume", where, *passed)
     else:
         code, last, stop = call("train.py", *row[3], "--steps", args.steps, "--seed", seed, "--T", args.T,
-                                "--out", where, *device)
+                                "--out", where, *passed)
     if stop or code > 128:
-        raise KeyboardInterrupt
+        raise cli.Stopped(stop or code - 128)
     if code == cli.DIVERGED:
         return save_record(record_path, dict(status="unstable", why=last, seconds=round(time.time() - start),
                                              budget=budget))
@@ -132,12 +135,12 @@ def run_row(row, seed, args, where):
         raise UsageError(f"train.py failed on row {row[0]} (exit {code}): {last}")
     n_test = ["--n-test", args.n_test] if args.n_test else []
     for program, argv in [("evaluate.py", ["--checkpoint", where, *n_test, "--n-samples", args.n_samples,
-                                           "--draws", 1, "--out", where, "--force", *device]),
+                                           "--draws", 1, "--out", where, "--force", *passed]),
                           ("sample.py", ["--checkpoint", where, "--n", STRIP, "--out", os.path.join(where, "strip"),
-                                         "--force", *device])]:
+                                         "--force", *passed])]:
         code, last, stop = call(program, *argv)
         if stop or code > 128:
-            raise KeyboardInterrupt
+            raise cli.Stopped(stop or code - 128)
         if code != 0:  # a diverged model's NaN is recorded below; a failure here is a mistake or a bug
             raise UsageError(f"{program} failed on row {row[0]} (exit {code}): {last}")
     with open(os.path.join(where, "results.json")) as f:
@@ -167,7 +170,7 @@ def read_record(path):
 
 
 def save_record(path, record):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    runs.claim(os.path.dirname(path), [os.path.basename(path)])
     runs.write_atomic(path, lambda f: json.dump(record, f, indent=1))
     return record
 
@@ -222,10 +225,9 @@ def main(argv=None):
         fresh = not os.path.exists(os.path.join(where, "ablation.json"))
         try:
             records[row[0]].append(run_row(row, seed, args, where))
-        except KeyboardInterrupt:
-            print(f"interrupted: finished rows are kept in {args.out}/; run the same command to continue",
-                  file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as e:
+            print(f"stopped: finished rows are kept in {args.out}/; run the same command to continue", file=sys.stderr)
+            raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
         done += fresh
         r = records[row[0]][-1]
         print(f"    {row[0]} seed {seed}: " + (f"unstable ({r['why']})" if r["status"] != "ok" else

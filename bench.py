@@ -246,6 +246,8 @@ def bench_train(args):
             runs_.pop(name, None)
             continue
         first[name], memory[name] = time.perf_counter() - start, peak_memory_mb(device)
+    if not runs_:
+        raise cli.UsageError(f"no training path could run on {device}")
     steps = max(1, round(0.5 / max(1e-3, min(first.values()) / 3)))  # about half a second per repeat
     times = {name: [] for name in runs_}
     for _ in range(args.repeats):
@@ -255,7 +257,7 @@ def bench_train(args):
                 train.train_step(r)
             sync(device)
             times[name].append((time.perf_counter() - start) / steps)
-    base = batch / statistics.median(times[next(iter(times))])
+    base = batch / statistics.median(times[next(iter(times))])  # float32 eager, or the first that ran
     peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
                 None)
     print(f"  {flops / 1e9:.1f} GFLOP per training image (forward and backward of the network)")
@@ -341,7 +343,7 @@ def bench_modes(args):
 SECTIONS = {"train": bench_train, "sample": bench_sample, "modes": bench_modes, "unet": bench_unet}
 
 
-def main():
+def main(argv=None):
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sections", nargs="*", metavar="section", help=f"any of: {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -354,7 +356,7 @@ def main():
                    "GPU, else digits); modes: digits or cifar10")
     p.add_argument("--channels-last", action="store_true",
                    help="unet: run both networks in channels_last (NHWC); on this 2-core CPU it was no faster")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if unknown := [s for s in args.sections if s not in SECTIONS]:
         raise cli.UsageError(f"unknown section {unknown[0]!r}: use some of {', '.join(SECTIONS)}")
     if args.threads:

@@ -44,6 +44,9 @@ def run(main):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory: ask for less (a smaller --batch-size or --n)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)

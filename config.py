@@ -16,8 +16,10 @@ from ddpm import OBJECTIVES, PREDICT, SIGMA
 
 
 def setting(default, kind, help, before=MISSING, fixed=False):
-    """A row of the table: its default (the digits recipe), argparse type (or choices, or bool), help, what
-    a checkpoint written before the setting existed meant, and whether a resumed run may change it."""
+    """A row of the table: its default (the digits recipe), argparse type (or choices, or bool) and help.
+    before: what checkpoints written before the setting existed meant; every setting added after the first
+    checkpoints needs one, or those checkpoints cannot resume. fixed: what the weights depend on (the
+    network, T, the parameterisation), which a resumed run may not change."""
     return field(default=default, metadata=dict(kind=kind, help=help, before=before, fixed=fixed))
 
 
@@ -74,16 +76,18 @@ NETWORK = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
 
 
 def parse_args(argv=None):
-    """(the settings given on the command line, out, resume, data_root): flags are built from Config."""
+    """(the settings given on the command line, and --out, --resume, --data-root): flags built from Config."""
     p = cli.Parser(description=__doc__.split("\n")[0])
     for f in fields(Config):
-        kind, recipes = f.metadata["kind"], {n: r.get(f.name, f.default) for n, r in RECIPES.items()}
-        default = "" if f.default is None else f" (default {recipes['digits']})" if len(set(map(
-            repr, recipes.values()))) == 1 else f" (default {', '.join(f'{n}: {v}' for n, v in recipes.items())})"
-        how = dict(choices=kind) if isinstance(kind, tuple) else dict(action=argparse.BooleanOptionalAction) \
-            if kind is bool else dict(type=kind)
-        p.add_argument(f"--{f.name.replace('_', '-')}", default=argparse.SUPPRESS, help=f.metadata["help"] + default,
-                       **how)
+        kind = f.metadata["kind"]
+        if isinstance(kind, tuple):
+            how = dict(choices=kind)
+        elif kind is bool:
+            how = dict(action=argparse.BooleanOptionalAction)
+        else:
+            how = dict(type=kind)
+        p.add_argument(f"--{f.name.replace('_', '-')}", default=argparse.SUPPRESS, help=f.metadata["help"]
+                       + default_text(f), **how)
     p.add_argument("--out", help="run folder (default runs/<config>, or a fresh runs/<config>-N)")
     p.add_argument("--resume", nargs="?", const="latest", help="continue a run: its folder or ckpt.pt (default: "
                    "the latest run)")
@@ -93,6 +97,16 @@ def parse_args(argv=None):
     if "steps" in given and "minutes" in given:
         raise UsageError("--minutes replaces --steps: give one of them")
     return given, flags
+
+
+def default_text(f):
+    """' (default X)', with each recipe's value where they differ; '' where None means "the preset's"."""
+    values = {name: recipe.get(f.name, f.default) for name, recipe in RECIPES.items()}
+    if f.default is None:
+        return ""
+    if len({repr(v) for v in values.values()}) == 1:
+        return f" (default {f.default})"
+    return f" (default {', '.join(f'{name}: {v}' for name, v in values.items())})"
 
 
 def settings(given, flags):
@@ -113,6 +127,7 @@ def resumed(given, flags):
         raise UsageError("--resume continues a run in its own folder with its own recipe: leave out --out and --config")
     path = runs.latest_checkpoint() if flags["resume"] == "latest" else flags["resume"]
     ckpt = runs.load_checkpoint(path, needs=[f.name for f in fields(Config) if f.metadata["before"] is MISSING])
+    ckpt["read"] = path, runs.stamp(path)  # train.py checks, once it holds the folder, that no one saved since
     if missing := [k for k in ("optimizer", "step", "rng") if k not in ckpt]:
         raise UsageError(f"{path} cannot be resumed: it holds no {', '.join(missing)} (not written by train.py?)")
     runs.check_fits(ckpt["model_config"], ckpt["model"], path)  # before anything is allocated
@@ -134,16 +149,13 @@ def resumed(given, flags):
 
 def new_folder(out, recipe):
     """--out if it is new or empty; by default runs/<recipe>, or the first runs/<recipe>-N that is."""
-    def empty(path):
-        return not os.path.exists(path) or os.path.isdir(path) and not set(os.listdir(path)) - {runs.LOCK, runs.WRITTEN}
     if out is None:
-        out, n = os.path.join(runs.RUNS, recipe), 1
-        while not empty(out):
-            n += 1
-            out = os.path.join(runs.RUNS, f"{recipe}-{n}")
-    elif os.path.exists(os.path.join(out, runs.CHECKPOINT)):
+        return runs.free_folder(os.path.join(runs.RUNS, recipe), runs.empty)
+    if os.path.exists(os.path.join(out, runs.CHECKPOINT)):
         raise UsageError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-    elif not empty(out):
+    if os.path.isfile(out):
+        raise UsageError(f"{out} is a file: choose another --out")
+    if not runs.empty(out):
         raise UsageError(f"{out} is not empty ({sorted(os.listdir(out))[0]}, ...) and a run writes only into a new "
-                         f"or empty folder: choose another --out" if os.path.isdir(out) else f"{out} is a file")
+                         f"or empty folder: choose another --out")
     return runs.check_writable(out)

@@ -42,6 +42,8 @@ def load_dataset(name, split="train", image_size=None, root="data"):
     if name in DATASETS:
         images, labels, levels = _digits(split) if name == "digits" else _torchvision(name, split, root)
         if image_size and image_size != images.shape[-1]:
+            runs.check_memory(images[:1].numel() * len(images) * 5 * (image_size / images.shape[-1]) ** 2,
+                              f"{len(images):,} images resized to {image_size}x{image_size}")  # uint8 and float32
             images = _resize(images, image_size, levels)
         return Dataset(images, labels, levels, split)
     if os.path.sep in name or os.path.isdir(name):

@@ -369,12 +369,12 @@ def generate(model, diffusion, n, seed=0, *, batch_size=None, clip=True, amp=Non
 
     def step(t, x_t, x0_hat):
         bar.update()  # reads no tensor, so a GPU never waits for the host
-        if callback is not None and not out:
+        if callback is not None and g == 0:
             callback(t, x_t, x0_hat)
     groups = range(0, n, GROUP)
     bar = tqdm(total=len(groups) * diffusion.T, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
     out = []
-    for g, start in enumerate(groups):
+    for g, start in enumerate(groups):  # step() sees the group g being drawn
         gen = torch.Generator(device).manual_seed(derive_seed(seed, g))
         out.append(diffusion.p_sample_loop(chunked, (min(GROUP, n - start), *shape), clip, gen, device, step).cpu())
     bar.close()

@@ -69,19 +69,15 @@ def parse_args(argv=None):
 
 
 # ---- the bound (Eq. 5) --------------------------------------------------------------------------
-def ticking(bar):
-    """A progress= callable for bound_bpd that advances `bar` once per timestep."""
-    def wrap(steps):
-        for t in steps:
-            yield t
-            bar.update()
-    return wrap
-
-
-def bound(model, diffusion, x0, levels, batch_size, clip=False, generator=None, bar=None):
-    """bound_bpd over x0 [N, C, H, W] in batches: total [N], prior [N], terms and mse [N, T] (CPU float64)."""
-    parts = [diffusion.bound_bpd(model, b, levels, clip, generator, ticking(bar) if bar else None)
-             for b in x0.split(batch_size)]
+def bound(model, diffusion, batches, levels, clip=False, generator=None):
+    """bound_bpd over batches of test images [n, C, H, W], with a progress bar: total [N], prior [N], terms
+    and mse [N, T] (on the CPU, float64)."""
+    with tqdm(total=len(batches) * diffusion.T, desc="bound", unit="step") as bar:
+        def ticking(steps):  # bound_bpd's progress: one tick per timestep
+            for t in steps:
+                yield t
+                bar.update()
+        parts = [diffusion.bound_bpd(model, x0, levels, clip, generator, ticking) for x0 in batches]
     b = {k: torch.cat([p[k].double().cpu() for p in parts]) for k in ("prior", "terms", "mse")}
     b["total"] = b["prior"] + b["terms"].sum(1)  # in float64, so that the parts add up to it exactly
     return b
@@ -180,19 +176,18 @@ def picture(e, key, draw):
 
 def evaluate_bound(e, args):
     """Table 1's NLL and Table 4's rate and distortion: the bound on a fixed seeded subset of the test split."""
-    start, weights = time.time(), "pretrained" if args.pretrained else "raw" if args.no_ema else "EMA"
+    start = time.time()
     T, test, levels = e.w.diffusion.T, e.test.images, e.test.levels
     print(f"the bound costs {e.n_test:,} images x T = {T:,} steps = {e.n_test * T:,} image-steps of the network "
           f"({-(-e.n_test // args.batch_size) * T:,} calls of up to {args.batch_size} images)")
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:e.n_test].sort().values
     g = torch.Generator(e.device).manual_seed(args.seed)
-    with tqdm(total=-(-e.n_test // args.batch_size) * T, desc="bound", unit="step") as bar:
-        b = bound(e.w.model, e.w.diffusion, to_model_range(test[idx], levels).to(e.device), levels,
-                  args.batch_size, args.clip, g, bar)
+    x0 = to_model_range(test[idx], levels).to(e.device)
+    b = bound(e.w.model, e.w.diffusion, x0.split(args.batch_size), levels, args.clip, g)
     split = e.test.split if e.test.split != "all" else "all (this folder has no test/ split)"
     s = dict(split=split, n_test_split=len(test), **summarize(b, levels), seconds=round(time.time() - start, 1))
     se = f" ± {s['total_bpd_se']:.4f} (s.e.)" if s["total_bpd_se"] is not None else ""
-    print(f"NLL bound (Eq. 5) on {e.n_test} of {len(test)} {split} images of {e.name}: T={T}, {weights} weights, "
+    print(f"NLL bound (Eq. 5) on {e.n_test} of {len(test)} {split} images of {e.name}: T={T}, {e.w.kind} weights, "
           f"sigma^2={e.w.diffusion.sigma}, {'clipped' if args.clip else 'no clipping'}, {levels} levels\n"
           f"  total {s['total_bpd']:.4f}{se} bits/dim = L_T {s['L_T']:.2e} + sum L_t-1 (t>1) "
           f"{s['sum_L_t_minus_1']:.4f} + L_0 {s['L_0']:.4f}")
@@ -225,7 +220,7 @@ def evaluate_quality(e, args):
         draws = [generate(e.w.model, e.w.diffusion, args.n_samples, args.seed + 1 + k, batch_size=args.batch_size,
                           amp=e.amp, callback=record if e.by_classifier and k == 0 else None, progress=True)
                  for k in range(args.draws)]
-        source = f"generated: Algorithm 2 with clipping, {'raw' if args.no_ema else 'EMA'} weights"
+        source = f"generated: Algorithm 2 with clipping, {e.w.kind} weights"
     else:
         draws, source = [to_model_range(e.samples, 256)], args.samples
     x = draws[0]
@@ -263,9 +258,9 @@ def evaluate_quality(e, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    device = cli.pick_device(args.device)
     e = setup(args)
-    e.device = cli.pick_device(args.device)
-    e.amp = cli.pick_amp(args.amp, e.device)
+    e.device, e.amp = device, cli.pick_amp(args.amp, device)
     e.w.model.to(e.device)
     results = dict(checkpoint=args.pretrained or e.w.folder, step=e.w.step, dataset=e.name, T=e.w.diffusion.T,
                    levels=e.test.levels, ema=not args.no_ema and not args.pretrained, predict=e.w.diffusion.predict,

@@ -9,13 +9,15 @@ gives the image size.
 import json
 import re
 from pathlib import Path
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 import runs
 from cli import UsageError, first_line
 from data import MAX_IMAGE_SIZE
+from ddpm import Diffusion
 from unet import UNet
 
 _DOWNLOAD_HINT = ("download it first, e.g. `huggingface-cli download google/ddpm-cifar10-32 --local-dir "
@@ -171,13 +173,15 @@ def load_pretrained_run(path, sigma=None):
     return model, runs.make_diffusion({"T": model.T}, sigma), runs.run_folder(path)
 
 
-class Weights(NamedTuple):
+@dataclass(frozen=True)
+class Weights:
     """A network to sample from or evaluate, whichever kind of weights it came from."""
     model: UNet
-    diffusion: object   # ddpm.Diffusion, with the sampler's sigma
-    config: Optional[dict]  # the training run's settings; None for the authors' weights
-    folder: str         # where the weights are: results go there by default
+    diffusion: Diffusion      # with the sampler's sigma
+    config: Optional[dict]    # the training run's settings; None for the authors' weights
+    folder: str               # where the weights are: results go there by default
     step: Optional[int]
+    kind: str                 # "EMA", "raw" or "pretrained" weights
 
 
 def load_weights(checkpoint=None, pretrained=None, no_ema=False, sigma=None):
@@ -186,7 +190,7 @@ def load_weights(checkpoint=None, pretrained=None, no_ema=False, sigma=None):
         if no_ema:
             raise UsageError("--no-ema needs a checkpoint from train.py (a weights file holds one set of weights)")
         model, diffusion, folder = load_pretrained_run(pretrained, sigma)
-        return Weights(model, diffusion, None, folder, None)
+        return Weights(model, diffusion, None, folder, None, "pretrained")
     path = checkpoint or runs.latest_checkpoint()
     model, diffusion, ckpt = runs.load_run(path, ema=not no_ema, sigma=sigma)
-    return Weights(model, diffusion, ckpt["config"], runs.run_folder(path), ckpt.get("step"))
+    return Weights(model, diffusion, ckpt["config"], runs.run_folder(path), ckpt.get("step"), "raw" if no_ema else "EMA")

@@ -37,7 +37,7 @@ def write_atomic(path, write, mode="w"):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or _disk_full(tmp)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or isinstance(e, RuntimeError) and _disk_full(tmp)
         if os.path.exists(tmp):
             os.remove(tmp)
         if full or isinstance(e, OSError):  # torch.save reports a full disk as a RuntimeError
@@ -53,12 +53,18 @@ def _disk_full(path):
         return False
 
 
-def check_writable(path):
-    """Fail now, in one line, if the directory `path` (made later if missing) could not be written:
-    before any expensive work, and without creating anything."""
+def existing_parent(path):
+    """`path` itself if it exists, else its nearest parent that does."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    return existing
+
+
+def check_writable(path):
+    """Fail now, in one line, if the directory `path` (made later if missing) could not be written:
+    before any expensive work, and without creating anything."""
+    existing = existing_parent(path)
     if not os.path.isdir(existing):
         raise UsageError(f"cannot write to {path}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -80,9 +86,7 @@ def check_memory(nbytes, what):
 
 def check_disk(path, nbytes, what):
     """Refuse, before starting, what could not fit on the disk that `path` (or its nearest parent) is on."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = existing_parent(path)
     free = shutil.disk_usage(existing).free
     if nbytes > free:
         raise UsageError(f"{what} need about {nbytes / 2**30:,.2f} GiB on disk; {existing} has "
@@ -111,12 +115,18 @@ def locked(folder):
         os.close(fd)
 
 
-def foreign(folder):
-    """The files in `folder` that the programs did not write there (bookkeeping and .tmp files aside)."""
-    if not os.path.isdir(folder):
-        return []
-    ours = written(folder) | {LOCK, WRITTEN}
-    return sorted(f for f in os.listdir(folder) if f not in ours and not f.endswith(".tmp"))
+def free_folder(base, usable):
+    """base, or base-2, base-3, ...: the first that usable(path) accepts (a new run's or new samples' folder)."""
+    path, n = base, 1
+    while not usable(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def empty(path):
+    """A folder that does not exist, or holds nothing but the programs' bookkeeping."""
+    return not os.path.exists(path) or os.path.isdir(path) and not set(os.listdir(path)) - {LOCK, WRITTEN}
 
 
 def written(folder):
@@ -172,10 +182,19 @@ def load_tensors(path):
                 from None
 
 
+def checkpoint_file(path):
+    """A checkpoint given as its file or its run's folder -> the file."""
+    return os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+
+
+def stamp(path):
+    """When a checkpoint was last written (its file's modification time, in ns)."""
+    return os.stat(checkpoint_file(path)).st_mtime_ns
+
+
 def load_checkpoint(path, needs=("T", "dataset")):
     """Load a checkpoint written by train.py (safely: weights_only=True), checking its config has `needs`."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT)
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}: run `python train.py` first, or pass an existing file")
     ckpt = load_tensors(path)
@@ -229,8 +248,8 @@ def check_fits(model_config, state, path):
 
 
 def load_run(path, ema=True, sigma=None):
-    """(network in eval mode, its Diffusion, the checkpoint) of a train.py run, needing no flags: the one
-    loader of sample.py and evaluate.py. sigma: sample with another fixed variance than the run's."""
+    """(network in eval mode, its Diffusion, the checkpoint) of a train.py run, needing no flags.
+    sigma: sample with another fixed variance than the run's."""
     ckpt = load_checkpoint(path)
     if sigma and ckpt["config"].get("sigma") == "learned":
         raise UsageError(f"{path} learned its variance (--sigma learned): leave --sigma out")

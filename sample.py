@@ -57,16 +57,12 @@ def parse_args(argv=None):
 
 
 def output_dir(args, run_dir):
-    """--out (existing only with --force), or <run>/samples, or the first free <run>/samples-N."""
-    if args.out:
-        if os.path.exists(args.out) and not (args.force and os.path.isdir(args.out)):
-            raise UsageError(f"{args.out} exists: pass --force to write into it (only files sample.py wrote there "
-                             f"are replaced), or choose another --out")
-        return runs.check_writable(args.out)
-    out, k = os.path.join(run_dir, "samples"), 1
-    while os.path.exists(out) and not (args.force and os.path.isdir(out)):  # keep earlier samples
-        k += 1
-        out = os.path.join(run_dir, f"samples-{k}")
+    """--out (existing only with --force), or <run>/samples (with --force), or the first free <run>/samples-N."""
+    if args.out and os.path.exists(args.out) and not (args.force and os.path.isdir(args.out)):
+        raise UsageError(f"{args.out} exists: pass --force to write into it (only files sample.py wrote there "
+                         f"are replaced), or choose another --out")
+    out = args.out or runs.free_folder(os.path.join(run_dir, "samples"), lambda path: not os.path.exists(path)
+                                       or args.force and os.path.isdir(path))
     return runs.check_writable(out)
 
 
@@ -97,7 +93,7 @@ def write_samples(x, out):
 
 
 class Figures:
-    """What --figures records while sampling (a callback for common.generate), and the files it writes."""
+    """What --figures records while sampling (a callback for ddpm.generate), and the files it writes."""
 
     def __init__(self, diffusion, data, seed):
         self.diffusion, (self.data, self.pairs), self.seed = diffusion, data, seed
@@ -174,8 +170,7 @@ def main(argv=None):
                      amp=amp, callback=figs, progress=True)
         seconds = time.time() - start
         written = write_samples(x, out) + (figs.write(x, out, w.model, args.clip, device) if figs else [])
-    weights = "pretrained" if args.pretrained else "raw" if args.no_ema else "EMA"
-    print(f"{args.n} images in {seconds:.1f} s ({weights} weights, T={w.diffusion.T}, sigma^2={w.diffusion.sigma}, "
+    print(f"{args.n} images in {seconds:.1f} s ({w.kind} weights, T={w.diffusion.T}, sigma^2={w.diffusion.sigma}, "
           f"clip {'on' if args.clip else 'off'}, seed {args.seed}, {device}, {cli.amp_name(amp)}); "
           f"wrote {out}/: {', '.join(written)}")
 

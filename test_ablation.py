@@ -45,15 +45,15 @@ def fake_programs(diverge=(), interrupt=()):
         where = argv[argv.index("--out") + 1] if "--out" in argv else argv[1]
         row = os.path.basename(where).rsplit("-s", 1)[0]
         if program == "train.py" and row in diverge:
-            return 3, "error: the loss became nan at step 2; stopped without saving.", False
+            return 3, "error: the loss became nan at step 2; stopped without saving.", 0
         if program == "train.py" and row in interrupt:
-            return 130, "", True
+            return 130, "", 2  # SIGINT
         if program == "evaluate.py":
             os.makedirs(where, exist_ok=True)
             with open(os.path.join(where, "results.json"), "w") as f:
                 json.dump(dict(step=3, bound=dict(total_bpd=3.5, total_bpd_se=0.1), quality=dict(
                     frechet_distance=4.0, floor_train_vs_test=2.0, confident=0.8, confident_test=0.9)), f)
-        return 0, "", False
+        return 0, "", 0
     return call, calls
 
 

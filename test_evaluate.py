@@ -60,7 +60,7 @@ def run(*argv):
 # ---- the bound ---------------------------------------------------------------------------------
 def test_parts_of_the_bound_add_up_to_the_total(tiny):
     model, diffusion, x0 = tiny
-    b = evaluate.bound(model, diffusion, x0, 17, batch_size=3, generator=torch.Generator().manual_seed(0))
+    b = evaluate.bound(model, diffusion, x0.split(3), 17, generator=torch.Generator().manual_seed(0))
     assert b["terms"].shape == (8, 20) and (b["terms"] > 0).all() and (b["prior"] >= 0).all()
     assert torch.equal(b["total"], b["prior"] + b["terms"].sum(1))
     with torch.no_grad():  # the same numbers as ddpm.py's own total, one batch at a time
@@ -111,7 +111,7 @@ def test_exact_bound_agrees_with_monte_carlo_over_t(tiny):
     diffusion = Diffusion(torch.linspace(0.005, 0.3, 20, dtype=torch.float64))
     T, K, R = diffusion.T, 2000, 8
     g = torch.Generator().manual_seed(2)
-    exact = evaluate.bound(model, diffusion, x0.repeat(R, 1, 1, 1), 17, 128, generator=g)["total"]
+    exact = evaluate.bound(model, diffusion, x0.repeat(R, 1, 1, 1).split(128), 17, generator=g)["total"]
     images = torch.randint(len(x0), (K,), generator=g)
     ts = torch.randint(1, T + 1, (K,), generator=g)
     values = torch.empty(K, dtype=torch.float64)

@@ -428,7 +428,7 @@ def test_decoder_log_variance_is_the_authors_log_beta_tilde_2(sigma):
     assert d.log_sigma2[2].item() == pytest.approx(log_sigma2_2, abs=1e-12)  # t = 2 is sigma_2^2 itself
     betas = np.array([0.1, 0.2, 0.3])
     beta_tilde_2 = (1 - (1 - 0.1)) / (1 - 0.9 * 0.8) * 0.2
-    x0, xt = torch.zeros(2, 1, dtype=F64), torch.ones(2, 1, dtype=F64)
+    xt = torch.ones(2, 1, dtype=F64)
     _, log_var, _ = Diffusion(betas, sigma).p_mean_var(const_eps(0.0), xt, 1)
     assert torch.allclose(log_var, t64([[math.log(beta_tilde_2)]] * 2), rtol=1e-14)
     assert Diffusion(betas, sigma).log_sigma2[0].item() != math.log(beta_tilde_2)

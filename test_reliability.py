@@ -213,8 +213,11 @@ def test_ablation_never_records_a_row_under_another_t(monkeypatch, capsys):
     assert run_program(train.main, [*TINY, "--T", "10", "--steps", "2", "--out", "a/eps-simple-s0"]) == 0
     monkeypatch.setattr(ablation, "call", lambda *a: pytest.fail("must not run"))
     capsys.readouterr()
-    assert run_program(ablation.main, ["--rows", "eps-simple", "--T", "20", "--steps", "3", "--out", "a"]) == 2
-    one_line_error(capsys, "a/eps-simple-s0 was trained with --T 10 and seed 0, not --T 20")
+    assert run_program(ablation.main, ["--rows", "eps-simple", "--T", "20", "--steps", "2", "--out", "a"]) == 2
+    one_line_error(capsys, "a/eps-simple-s0 was trained with --T 10, seed 0 and --steps 2, not --T 20")
+    capsys.readouterr()  # nor a row trained for another number of steps (its schedule was another)
+    assert run_program(ablation.main, ["--rows", "eps-simple", "--T", "10", "--steps", "3", "--out", "a"]) == 2
+    one_line_error(capsys, "and --steps 2, not --T 10, seed 0 and --steps 3")
 
 
 def test_a_damaged_ablation_record_is_one_line(capsys, monkeypatch):
@@ -324,3 +327,19 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(monkeypatch, ca
     assert run_program(sample.main, ["--checkpoint", "r", "--n", "2", "--out", "s", "--amp", "off"]) == 2
     one_line_error(capsys, "cannot write s/samples.npz: no space left on device")
     assert not [f for f in listing() if f.endswith(".tmp")]
+
+
+def test_a_signal_to_ablation_alone_reaches_the_row_it_is_training():
+    """`kill <ablation's pid>` (not the whole process group, as Ctrl-C is): the row's train.py saves too."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ablation.py"), "--rows", "eps-simple", "--steps",
+                             "100000", "--T", "10", "--device", "cpu", "--amp", "off", "--out", "a"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 120
+    while not os.path.exists("a/eps-simple-s0/loss.csv") and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert runs.load_checkpoint("a/eps-simple-s0")["step"] > 0  # train.py got the signal and saved

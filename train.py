@@ -33,6 +33,9 @@ from data import batch_indices, grid_image, load_dataset, save_image, to_model_r
 from ddpm import derive_seed, generate
 
 
+FILES = [runs.CHECKPOINT, "loss.csv", "loss.png", "samples.png"]  # what a run folder holds (and samples_N.png)
+
+
 # ---- the run's state --------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -69,10 +72,13 @@ def build(c, images, levels, device, procs):
     except ValueError as e:
         raise UsageError(f"{e} (dataset {c.dataset} has {channels}x{size}x{size} images)") from None
     amp = cli.pick_amp(c.amp, device)
-    return Run(c, model, model, copy.deepcopy(model).requires_grad_(False).eval(),
-               torch.optim.Adam(model.parameters(), lr=c.lr, foreach=True),
-               torch.amp.GradScaler("cuda", enabled=amp == torch.float16), runs.make_diffusion(asdict(c)),
-               torch.Generator(device).manual_seed(c.seed + 1), images.to(device), levels, device, amp, *procs,
+    # fp16's loss scaler reads the device every step unless the optimizer takes its inf check: fused Adam does
+    opt = torch.optim.Adam(model.parameters(), lr=c.lr, **(dict(fused=True) if amp == torch.float16 else
+                                                            dict(foreach=True)))
+    return Run(c=c, model=model, net=model, ema=copy.deepcopy(model).requires_grad_(False).eval(), opt=opt,
+               scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16), diffusion=runs.make_diffusion(asdict(c)),
+               noise=torch.Generator(device).manual_seed(c.seed + 1), images=images.to(device), levels=levels,
+               device=device, amp=amp, rank=procs[0], world=procs[1],
                first_bad=torch.zeros((), dtype=torch.long, device=device))
 
 
@@ -80,8 +86,13 @@ def restore(r, ckpt, path):
     """Continue from a checkpoint: weights, optimizer, step, clock and random streams."""
     runs.restore(r.model, ckpt["model"], path)
     runs.restore(r.ema, ckpt["ema"], path, "EMA weights")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in r.opt.param_groups]
     runs.restore(r.opt, ckpt["optimizer"], path, "optimizer state")
+    for group, values in zip(r.opt.param_groups, settings):  # the run's settings, not the checkpoint's
+        group.update(values)
     r.step, r.seconds = ckpt["step"], ckpt.get("seconds", 0.0)
+    if r.scaler.is_enabled() and ckpt.get("scaler"):
+        r.scaler.load_state_dict(ckpt["scaler"])
     try:
         r.noise.set_state(ckpt["rng"]["noise"])
     except (RuntimeError, TypeError):  # a CPU generator's state does not fit a GPU's: a new stream, said once
@@ -96,6 +107,7 @@ def restore(r, ckpt, path):
 def save(r, out):
     state = {"model": r.model.state_dict(), "ema": r.ema.state_dict(), "optimizer": r.opt.state_dict(),
              "step": r.step, "seconds": r.seconds, "config": asdict(r.c), "model_config": r.model.config,
+             "scaler": r.scaler.state_dict(),
              "rng": {"noise": r.noise.get_state(), "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state(r.device) if r.device.type == "cuda" else None}}
     runs.save_checkpoint(state, os.path.join(out, runs.CHECKPOINT))
@@ -174,8 +186,11 @@ def train(r, out):
             loss = train_step(r)
             if r.world == 1 or r.step % c.log_every == 0:  # process 0's clock, so all processes agree
                 r.seconds = across(r, seconds0 + time.time() - t0, "first")
-            end, report = progress(r) >= 1, r.step % c.log_every == 0 or progress(r) >= 1
-            stopping = stop.signum if r.world == 1 else int(across(r, stop.signum, "max")) if report else 0
+            end = progress(r) >= 1
+            report = end or r.step % c.log_every == 0
+            stopping = stop.signum
+            if r.world > 1:  # processes agree to stop at a log step, so that they stop at the same step
+                stopping = int(across(r, stop.signum, "max")) if report else 0
             if report or stopping or r.step % c.ckpt_every == 0:
                 check_finite(r, out)
             if report:
@@ -185,11 +200,12 @@ def train(r, out):
                     log.append(r.step, loss, r.lr, r.seconds)
             if main and (r.step % c.ckpt_every == 0 or end or stopping):
                 save(r, out)
-            if main and c.sample_every and r.step % c.sample_every == 0 and not end:
-                sample_grid(r, 16, os.path.join(out, f"samples_{r.step:07d}.png"))
             bar.update()
             if stopping:
                 return stopping
+            if main and c.sample_every and r.step % c.sample_every == 0 and not end:
+                runs.claim(out, [f"samples_{r.step:07d}.png"])
+                sample_grid(r, 16, os.path.join(out, f"samples_{r.step:07d}.png"))
     print(f"trained {r.step - step0} steps in {time.time() - t0:.0f} s ({(r.step - step0) / (time.time() - t0):.1f} "
           f"steps/s), {r.step} in all; final loss {loss:.4f}")
     return 0
@@ -263,9 +279,10 @@ def compiled(r):
     net, start = torch.compile(r.net, mode="reduce-overhead" if r.c.compile == "graphs" else None), time.time()
     try:
         with torch.random.fork_rng(devices=[r.device] if r.device.type == "cuda" else []):
-            x = torch.zeros(2, *r.images.shape[1:], device=r.device)
+            x = torch.zeros(r.c.batch_size // r.world, *r.images.shape[1:], device=r.device)  # the steps' shape
+            t = torch.randint(1, r.c.T + 1, (len(x),), device=r.device)
             with torch.autocast(r.device.type, dtype=r.amp, enabled=r.amp is not None):
-                net(x, torch.ones(2, dtype=torch.long, device=r.device)).float().sum().backward()
+                net(x, t).float().sum().backward()
         r.model.zero_grad(set_to_none=True)
     except Exception as e:  # a missing compiler, an unsupported operation, ...
         r.model.zero_grad(set_to_none=True)
@@ -278,24 +295,37 @@ def compiled(r):
 def main(argv=None):
     given, flags = parse_args(argv)
     c, out, ckpt = settings(given, flags)
+    if ckpt is not None and "device" not in given and c.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{out} was trained on a GPU and this machine has none: pass --device cpu to continue it "
+                         f"on the CPU")
     rank, world, device = start_processes(c)
     c.device = device.type  # --resume continues on this kind of device unless --device says otherwise
     if c.batch_size % world:
         raise UsageError(f"--batch-size {c.batch_size} must be divisible by the number of processes ({world})")
+    if rank:  # process 0 downloads a dataset first; the others then read its files
+        dist.barrier()
     images, _, levels, _ = load_dataset(c.dataset, "train", c.image_size, flags["data_root"])
+    if world > 1 and rank == 0:
+        dist.barrier()
     if len(images) < c.batch_size:
         raise UsageError(f"--batch-size {c.batch_size} is larger than the dataset ({len(images)} images)")
     r = build(c, images, levels, device, (rank, world))
     if ckpt is not None:
         restore(r, ckpt, flags["resume"])
+    if rank:  # dropout masks of its own for each process (the checkpoint holds process 0's random state)
+        torch.manual_seed(derive_seed(c.seed, rank * 10_007 + r.step))
     grid = os.path.join(out, "samples.png")
     if progress(r) >= 1 and os.path.exists(grid):
         budget = f"{r.seconds / 60:.1f} minutes: pass a larger --minutes" if c.minutes else \
             f"step {r.step}: pass a larger --steps"
         raise UsageError(f"{out} is already trained to {budget} to continue")
     with runs.locked(out) if rank == 0 else nullcontext():
-        if ckpt is None and rank == 0:
+        if rank == 0 and ckpt is None:
             new_folder(out, c.config)  # still empty now that we hold it (another program may have started there)
+        if rank == 0 and ckpt is not None and runs.stamp(ckpt["read"][0]) != ckpt["read"][1]:
+            raise UsageError(f"{out} was saved by another program while this one started: run the same command again")
+        if rank == 0:
+            runs.claim(out, FILES)
         if progress(r) < 1:
             run_training(r, out)
         if rank == 0:  # also reached by --resume of a finished run that lost its grid
@@ -319,7 +349,8 @@ def run_training(r, out):
     try:
         signum = train(r, out)
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if r.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(cli.DIVERGED) from None
     finally:
         if r.world > 1:
