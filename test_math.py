@@ -243,7 +243,7 @@ def test_l_simple_is_zero_for_the_true_noise_and_t_is_uniform(betas, seed):
     assert d.training_loss(knows_x0, x0, generator=g).item() < 1e-20
     counts = np.bincount(seen[0].numpy(), minlength=len(betas) + 1)
     assert counts[0] == 0 and counts.sum() == len(x0)
-    assert stats.chisquare(counts[1:]).pvalue > 1e-4
+    assert stats.chisquare(counts[1:]).pvalue > 1e-6  # ~25 examples a run: a false alarm 1 run in 40,000
     noise = torch.randn(x0.shape, generator=g, dtype=F64)
     loss = d.training_loss(const_eps(0.0), x0, t=torch.ones(len(x0), dtype=torch.long), noise=noise)
     assert loss.item() == pytest.approx((noise**2).mean().item(), rel=1e-12)
