@@ -260,7 +260,7 @@ def bench_train(args):
     base = batch / statistics.median(times[next(iter(times))])  # float32 eager, or the first that ran
     peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
                 None)
-    print(f"  {flops / 1e9:.1f} GFLOP per training image (forward and backward of the network)")
+    print(f"  {flops / 1e9:.2f} GFLOP per training image (forward and backward of the network)")
     print(f"  {'path':32s} {'images/s':>9s} {'ratio':>6s} {'first 3 steps':>14s} {'peak memory':>12s} {'TFLOP/s':>8s}"
           + ("  of peak" if peak else ""))
     for name, t in times.items():
@@ -268,7 +268,7 @@ def bench_train(args):
         tflops = rate * flops / 1e12
         share = f"  {tflops / peak['bf16' if 'bf16' in name else 'fp32']:7.1%}" if peak else ""
         print(f"  {name:32s} {rate:9,.0f} {rate / base:6.2f} {first[name]:12.1f} s {memory[name]:9,.0f} MB "
-              f"{tflops:8.1f}{share}")
+              f"{tflops:8.3f}{share}")
 
 
 def train_flops(preset):

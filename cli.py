@@ -1,15 +1,18 @@
-"""The command line the programs share: one-line errors and exit codes, argument types, devices and autocast.
+"""The command line the programs share: one-line errors, exit codes and stop signals, argument types, devices
+(and torchrun's processes) and autocast.
 
 Exit codes: 0 done, 2 a mistake the user can fix (one line on stderr, never a traceback), 3 a training
 run whose loss diverged, 128 + N a run stopped by signal N and saved (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
 """
 import argparse
 import math
+import os
 import re
 import signal
 import sys
 
 import torch
+import torch.distributed as dist
 
 DIVERGED = 3  # train.py's exit code when the loss or gradient becomes NaN or infinite (ablation.py reads it)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill / a scheduler, a closed terminal
@@ -53,6 +56,23 @@ def run(main):
         sys.exit(128 + signum)
     finally:
         for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class StopSignals:
+    """Within it, Ctrl-C, SIGTERM (kill, cluster schedulers, `timeout`) and SIGHUP (a closed terminal) only set
+    .signum: train.py's loop then finishes its step and saves, instead of being killed."""
+
+    def __enter__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        return self
+
+    def handle(self, signum, _frame):
+        self.signum = signum
+
+    def __exit__(self, *_):
+        for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
@@ -106,7 +126,7 @@ def int_list(lo=1, allow_empty=False):
     return parse
 
 
-# ---- devices and autocast --------------------------------------------------------------------------
+# ---- devices, processes and autocast ----------------------------------------------------------------
 DEVICES = ("cpu", "cuda", "mps")  # what the programs run on; torch knows more (meta, xpu, ...), we do not
 AMP = ("auto", "off", "bf16", "fp16")  # the programs' --amp choices
 
@@ -143,6 +163,18 @@ def pick_device(name=None):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps was asked for but MPS is not available: use --device cpu")
     return device
+
+
+def start_processes(device_name):
+    """(rank, world size, device): one process, or one per GPU when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    gpu = torch.cuda.is_available() and device_name != "cpu"
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)  # so that NCCL and stray allocations use this process's GPU
+    dist.init_process_group("nccl" if gpu else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def native_bf16(device):

@@ -181,7 +181,7 @@ def train(r, out):
     bar = tqdm(total=None if c.minutes else c.steps, initial=r.step, disable=not main, dynamic_ncols=True, unit="step")
     t0, seconds0, step0 = time.time(), r.seconds, r.step
     r.model.train()
-    with StopSignals() as stop, bar:  # the bar is closed however the loop ends, so errors start a line
+    with cli.StopSignals() as stop, bar:  # the bar is closed however the loop ends, so errors start a line
         while progress(r) < 1:
             loss = train_step(r)
             if r.world == 1 or r.step % c.log_every == 0:  # process 0's clock, so all processes agree
@@ -211,23 +211,6 @@ def train(r, out):
     return 0
 
 
-class StopSignals:
-    """Ctrl-C, SIGTERM (kill, cluster schedulers, `timeout`) and SIGHUP (a closed terminal) finish the step
-    and save, instead of killing the run."""
-
-    def __enter__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in cli.STOP_SIGNALS}
-        return self
-
-    def handle(self, signum, _frame):
-        self.signum = signum
-
-    def __exit__(self, *_):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def check_finite(r, out):
     """Stop, without saving, if any step since the last check had a NaN or infinite loss or gradient."""
     if first := int(across(r, r.first_bad, "max")):
@@ -247,18 +230,6 @@ def sample_grid(r, n, path):
 
 
 # ---- processes (torchrun) -------------------------------------------------------------------------
-def start_processes(c):
-    """(rank, world size, device): one process, or one per GPU when launched by torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1, cli.pick_device(c.device)
-    gpu = torch.cuda.is_available() and c.device != "cpu"
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if gpu else torch.device("cpu")
-    if gpu:
-        torch.cuda.set_device(device)  # so that NCCL and stray allocations use this process's GPU
-    dist.init_process_group("nccl" if gpu else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def across(r, value, how):
     """A number made the same on every process and read on the host: "mean" (the loss), "max" (a flag) or
     "first" (process 0's clock). Called at log steps only, since reading a device value waits for it."""
@@ -298,7 +269,7 @@ def main(argv=None):
     if ckpt is not None and "device" not in given and c.device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{out} was trained on a GPU and this machine has none: pass --device cpu to continue it "
                          f"on the CPU")
-    rank, world, device = start_processes(c)
+    rank, world, device = cli.start_processes(c.device)
     c.device = device.type  # --resume continues on this kind of device unless --device says otherwise
     if c.batch_size % world:
         raise UsageError(f"--batch-size {c.batch_size} must be divisible by the number of processes ({world})")
