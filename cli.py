@@ -42,6 +42,7 @@ def run(main):
     def stop(signum, _frame):
         raise Stopped(signum)
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    stdout, sys.stdout = sys.stdout, QuietWhenClosed(sys.stdout)
     try:
         main()
     except UsageError as e:
@@ -55,8 +56,33 @@ def run(main):
         print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
+        sys.stdout = stdout
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+class QuietWhenClosed:
+    """sys.stdout that goes quiet when its reader has gone (`python evaluate.py | head -3`): the program
+    still finishes and writes its files, instead of dying on a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:  # from now on the output goes to /dev/null, also Python's last flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class StopSignals:

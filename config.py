@@ -116,6 +116,8 @@ def settings(given, flags):
     c = Config(**{**RECIPES[given.get("config", "digits")], **given})
     for k in NETWORK:  # record the values used, so the checkpoint says what was trained
         setattr(c, k, unet.PRESETS[c.preset][k] if getattr(c, k) is None else getattr(c, k))
+    if os.path.isdir(c.dataset):  # a folder, found again from any working directory (sample.py --figures)
+        c.dataset = os.path.abspath(c.dataset)
     if c.sigma == "learned" and c.objective == "simple":
         raise UsageError("--sigma learned needs --objective vlb: an unweighted MSE does not train a variance "
                          "(no row of the paper's Table 2 pairs them)")
@@ -149,7 +151,7 @@ def resumed(given, flags):
 
 def new_folder(out, recipe):
     """--out if it is new or empty; by default runs/<recipe>, or the first runs/<recipe>-N that is."""
-    if out is None:
+    if not out:
         return runs.free_folder(os.path.join(runs.RUNS, recipe), runs.empty)
     if os.path.exists(os.path.join(out, runs.CHECKPOINT)):
         raise UsageError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")

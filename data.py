@@ -56,7 +56,7 @@ def folder_split(path, split):
     """(folder to read, split it holds) for a folder of images. With train/ or test/ subfolders, each split
     is its own subfolder, and a test split is never trained on; without them, every image serves both."""
     if not os.path.isdir(path):
-        raise UsageError(f"image folder {path} does not exist")
+        raise UsageError(f"image folder {path} {'is a file' if os.path.isfile(path) else 'does not exist'}")
     parts = [s for s in ("train", "test") if os.path.isdir(os.path.join(path, s))]
     if not parts:
         return path, "all"

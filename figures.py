@@ -166,7 +166,7 @@ def nearest_figure(samples, train, k=5, n=8):
 # ---- plots (Figs. 5, 10) ---------------------------------------------------------------------------------
 def table4_rows(T):
     """Table 4's ten rows: reverse time T - t + 1 = T/10, 2T/10, ..., T (100, ..., 1000 for T = 1000)."""
-    return [round(k * T / 10) for k in range(1, 11)]
+    return sorted({max(1, round(k * T / 10)) for k in range(1, 11)})  # fewer for T < 10
 
 
 def save_plot(fig, path):

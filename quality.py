@@ -68,9 +68,10 @@ def load_samples(path, shape):
         path = os.path.join(path, "samples.npz")
     if path.endswith(".npz") and os.path.isfile(path):
         try:
-            arr = np.load(path)["arr_0"]
-        except Exception as e:
-            raise UsageError(f"{path} is not an .npz with arr_0: {first_line(e, 120)}") from None
+            arr = np.load(path, allow_pickle=False)["arr_0"]
+        except Exception:  # not a zip, no arr_0, or objects in it (never unpickled)
+            raise UsageError(f"{path} is not an .npz of images (arr_0: uint8 [N, H, W, C]), as sample.py writes") \
+                from None
         if arr.dtype != np.uint8 or arr.ndim != 4:
             raise UsageError(f"{path}: arr_0 must be uint8 [N, H, W, C], got {arr.dtype} {list(arr.shape)}")
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()

@@ -37,13 +37,22 @@ def write_atomic(path, write, mode="w"):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or isinstance(e, RuntimeError) and _disk_full(tmp)
+        why = _write_failure(e, tmp)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if full or isinstance(e, OSError):  # torch.save reports a full disk as a RuntimeError
-            why = "no space left on device" if full else e.strerror or first_line(e)
+        if why:
             raise UsageError(f"cannot write {path}: {why}; nothing there was changed") from None
         raise
+
+
+def _write_failure(e, tmp):
+    """Why a write failed, for a one-line error; None for anything else (a bug or a signal stays as it is)."""
+    if isinstance(e, OSError):
+        return "no space left on device" if e.errno == errno.ENOSPC else e.strerror or first_line(e)
+    full = _disk_full(tmp)
+    if isinstance(e, RuntimeError) and (full or "unexpected pos" in str(e)):  # torch.save's words for both
+        return "no space left on device" if full else "the write failed (a file size limit or a disk quota?)"
+    return None
 
 
 def _disk_full(path):
@@ -51,6 +60,14 @@ def _disk_full(path):
         return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20
     except OSError:
         return False
+
+
+def make_folder(path):
+    """os.makedirs, with a one-line error where the system refuses (/proc, a read-only disk, ...)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write to {path}: {e.strerror or first_line(e)}") from None
 
 
 def existing_parent(path):
@@ -64,6 +81,10 @@ def existing_parent(path):
 def check_writable(path):
     """Fail now, in one line, if the directory `path` (made later if missing) could not be written:
     before any expensive work, and without creating anything."""
+    if not path:
+        raise UsageError("an empty path is no folder: give one, or leave the flag out for the default")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UsageError(f"cannot write to {path}: it is a broken symbolic link")
     existing = existing_parent(path)
     if not os.path.isdir(existing):
         raise UsageError(f"cannot write to {path}: {existing} is a file, not a directory")
@@ -98,8 +119,11 @@ def check_disk(path, nbytes, what):
 def locked(folder):
     """Hold `folder` (made if missing) for this program: a second program that asks for it gets a one-line
     error. The OS drops the lock when the process ends, however it ends, so none is ever left stale."""
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    make_folder(folder)
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -130,19 +154,24 @@ def empty(path):
 
 
 def written(folder):
-    """The relative paths the programs recorded as theirs in `folder`."""
+    """The relative paths the programs recorded as theirs in `folder` (inside it: a hand-edited line that
+    climbs out, like images/../../x, is ignored)."""
     try:
         with open(os.path.join(folder, WRITTEN), encoding="utf-8", errors="replace") as f:
-            return {line.rstrip("\n") for line in f if line.strip()}
+            names = {line.rstrip("\n") for line in f if line.strip()}
     except FileNotFoundError:
         return set()
+    return {n for n in names if not os.path.isabs(n) and ".." not in n.split("/")}
 
 
 def check_claim(folder, names, force=False):
     """Before writing `names` (paths relative to `folder`): refuse a file there that these programs did not
     write, and one they did unless force."""
-    ours = written(folder)
+    ours, inside = written(folder), os.path.realpath(folder) + os.sep
     for name in names:
+        if not os.path.realpath(os.path.join(folder, name)).startswith(inside):
+            raise UsageError(f"{os.path.join(folder, name)} leads outside {folder} (a symbolic link?): it is never "
+                             f"written through; write elsewhere")
         if os.path.lexists(os.path.join(folder, name)):
             if name not in ours:
                 raise UsageError(f"{os.path.join(folder, name)} was not written by these programs: it is never "
@@ -155,7 +184,7 @@ def check_claim(folder, names, force=False):
 def claim(folder, names, drop=()):
     """Record `names` as the programs' own files in `folder` (and forget `drop`), before writing them."""
     kept = sorted((written(folder) - set(drop)) | set(names))
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder)
     write_atomic(os.path.join(folder, WRITTEN), lambda f: f.write("".join(n + "\n" for n in kept)))
 
 

@@ -12,6 +12,7 @@ at t = T/2) and coarse_to_fine.png (Fig. 9: one pair mixed after 0, T/8, ..., T 
 """
 import argparse
 import os
+import re
 import time
 
 import numpy as np
@@ -58,6 +59,8 @@ def parse_args(argv=None):
 
 def output_dir(args, run_dir):
     """--out (existing only with --force), or <run>/samples (with --force), or the first free <run>/samples-N."""
+    if args.out and os.path.isfile(args.out):
+        raise UsageError(f"{args.out} is a file: choose another --out")
     if args.out and os.path.exists(args.out) and not (args.force and os.path.isdir(args.out)):
         raise UsageError(f"{args.out} exists: pass --force to write into it (only files sample.py wrote there "
                          f"are replaced), or choose another --out")
@@ -83,7 +86,7 @@ def check_cost(args, w, out):
 
 def write_samples(x, out):
     """grid.png, images/NNNNNN.png and samples.npz (arr_0: uint8 [N, H, W, C]), each written atomically."""
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    runs.make_folder(os.path.join(out, "images"))
     save_image(grid_image(x[:64]), os.path.join(out, "grid.png"))
     nhwc = to_uint8(x).permute(0, 2, 3, 1).numpy()
     for a, name in zip(nhwc, image_names(len(x))):
@@ -160,7 +163,7 @@ def main(argv=None):
     batch_size = args.batch_size or (256 if w.model.image_size <= 64 else 4)  # 256x256 activations are large
     with runs.locked(out):
         runs.check_claim(out, names, args.force)
-        stale = {f for f in runs.written(out) if f.startswith("images/")} - set(names)
+        stale = {f for f in runs.written(out) if re.fullmatch(r"images/\d{6}\.png", f)} - set(names)
         runs.claim(out, names, drop=stale)
         for name in stale:  # --force over a larger --n: its extra images were sample.py's own
             if os.path.exists(os.path.join(out, name)):

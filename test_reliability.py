@@ -343,3 +343,83 @@ def test_a_signal_to_ablation_alone_reaches_the_row_it_is_training():
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
     assert runs.load_checkpoint("a/eps-simple-s0")["step"] > 0  # train.py got the signal and saved
+
+
+# ---- a second round of hostile use ----------------------------------------------------------------------
+def test_sample_never_writes_through_a_symlink_or_a_forged_record(capsys):
+    trained()
+    assert run_program(sample.main, ["--checkpoint", "r", "--n", "2", "--out", "s", "--amp", "off"]) == 0
+    os.makedirs("photos")
+    Image.new("L", (8, 8)).save("photos/000000.png")
+    os.rename("s/images", "s/old-images")
+    os.symlink(os.path.abspath("photos"), "s/images")  # images/ now leads to the user's photos
+    capsys.readouterr()
+    assert run_program(sample.main, ["--checkpoint", "r", "--n", "2", "--out", "s", "--force", "--amp", "off"]) == 2
+    one_line_error(capsys, "leads outside s (a symbolic link?)")
+    os.remove("s/images")
+    os.rename("s/old-images", "s/images")
+    open("victim.txt", "w").close()
+    with open("s/.written", "a") as f:
+        f.write("images/../../victim.txt\n")  # a hand-edited record that climbs out
+    assert run_program(sample.main, ["--checkpoint", "r", "--n", "1", "--out", "s", "--force", "--amp", "off"]) == 0
+    assert os.path.exists("victim.txt") and os.path.exists("photos/000000.png")
+
+
+def test_outputs_that_cannot_be_folders_are_one_line(capsys):
+    trained()
+    open("afile.txt", "w").close()
+    os.symlink("nowhere", "dangling")
+    cases = [(sample.main, ["--checkpoint", "r", "--out", "afile.txt", "--force"], "afile.txt is a file"),
+             (sample.main, ["--checkpoint", "r", "--out", "dangling"], "dangling: it is a broken symbolic link"),
+             (train.main, [*TINY, "--out", "dangling"], "dangling: it is a broken symbolic link"),
+             (evaluate.main, ["--checkpoint", "r", "--out", "dangling", "--device", "cpu"], "broken symbolic link")]
+    if os.path.isdir("/proc/self"):
+        cases.append((train.main, [*TINY, "--steps", "2", "--out", "/proc/ddpm-run"], "cannot write to /proc/ddpm-run"))
+    for program, argv, message in cases:
+        capsys.readouterr()
+        assert run_program(program, argv) == 2, argv
+        one_line_error(capsys, message)
+    assert run_program(train.main, [*TINY, "--steps", "2", "--out", ""]) == 0  # empty: the default folder
+    assert os.path.exists("runs/digits/ckpt.pt")
+
+
+def test_a_closed_stdout_does_not_cost_the_results():
+    flags = " ".join(f"'{a}'" for a in TINY)
+    p = subprocess.run(f"{sys.executable} {HERE}/train.py {flags} --steps 3 --out r | head -c 5", shell=True,
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in p.stderr and os.path.exists("r/samples.png")
+    p = subprocess.run(f"{sys.executable} {HERE}/evaluate.py --checkpoint r --n-test 4 --n-samples 0 --device cpu "
+                       f"| head -c 1", shell=True, capture_output=True, text=True)
+    assert "Traceback" not in p.stderr and json.load(open("r/results.json"))["bound"]["n_images"] == 4
+
+
+def test_a_file_size_limit_is_one_line():
+    """What a disk quota does (EFBIG): torch.save says only 'unexpected pos'."""
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))  # noqa: E731  1 MiB
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--steps", "2", "--out", "r"],
+                       capture_output=True, text=True, preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "cannot write r/ckpt.pt: the write failed (a file size limit or a disk quota?)" in p.stderr
+    assert not [f for f in listing() if f.endswith(".tmp")]
+
+
+def test_small_t_attention_and_samples_files_are_checked(capsys):
+    capsys.readouterr()  # attention at a resolution the network does not have: refused, not ignored
+    assert run_program(train.main, [*TINY, "--attn-resolutions", "3", "--out", "a"]) == 2
+    one_line_error(capsys, "--attn-resolutions 3 is not a resolution of this network (8x8 images give 8, 4)")
+    assert run_program(train.main, [*TINY, "--T", "2", "--steps", "2", "--out", "t2"]) == 0  # Table 4 for T < 10
+    assert run_program(evaluate.main, ["--checkpoint", "t2", "--n-test", "4", "--n-samples", "0", "--device", "cpu"]) == 0
+    with open("garbage.npz", "wb") as f:
+        f.write(os.urandom(500))
+    capsys.readouterr()
+    assert run_program(evaluate.main, ["--checkpoint", "t2", "--samples", "garbage.npz", "--n-test", "0"]) == 2
+    one_line_error(capsys, "garbage.npz is not an .npz of images")
+
+
+def test_a_run_on_a_folder_finds_it_from_anywhere():
+    digits_folder("here/imgs", n=40)
+    os.chdir("here")
+    assert run_program(train.main, [*TINY, "--dataset", "imgs", "--image-size", "8", "--steps", "2", "--out", "r"]) == 0
+    os.chdir("..")
+    assert run_program(sample.main, ["--checkpoint", "here/r", "--n", "2", "--figures", "--amp", "off"]) == 0

@@ -71,6 +71,10 @@ def build(c, images, levels, device, procs):
                            **{k: getattr(c, k) for k in NETWORK}).to(device)
     except ValueError as e:
         raise UsageError(f"{e} (dataset {c.dataset} has {channels}x{size}x{size} images)") from None
+    levels_sizes = [size // 2 ** i for i in range(len(c.ch_mult))]
+    if unused := [a for a in c.attn_resolutions if a not in levels_sizes]:  # the authors' code ignores them
+        raise UsageError(f"--attn-resolutions {unused[0]} is not a resolution of this network ({size}x{size} images "
+                         f"give {', '.join(map(str, levels_sizes))}): pass some of those, or '' for none")
     amp = cli.pick_amp(c.amp, device)
     # fp16's loss scaler reads the device every step unless the optimizer takes its inf check: fused Adam does
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, **(dict(fused=True) if amp == torch.float16 else
