@@ -60,7 +60,7 @@ def seed_list(text):
 
 
 def parse_args(argv=None):
-    p = cli.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=positive(), default=1500, help="training steps per row (default 1500)")
     p.add_argument("--seeds", type=seed_list, default=[0], help="seeds per row, e.g. 0,1 (default 0). Finished "
                    "rows are read back: two terminals can run --seeds 0 and --seeds 1, then --seeds 0,1 makes the "

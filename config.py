@@ -75,9 +75,10 @@ RENAMED = {"schedule": "lr_schedule"}  # names in older checkpoints
 NETWORK = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
 
 
-def parse_args(argv=None):
-    """(the settings given on the command line, and --out, --resume, --data-root): flags built from Config."""
-    p = cli.Parser(description=__doc__.split("\n")[0])
+def parse_args(argv=None, doc=None):
+    """(the settings given on the command line, and --out, --resume, --data-root): flags built from Config.
+    doc: the program's docstring, shown by --help."""
+    p = cli.Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         kind = f.metadata["kind"]
         if isinstance(kind, tuple):

@@ -33,7 +33,7 @@ FIGURES = ["reverse.png", "forward.png", "denoising.gif", "shared_latent.png", "
 
 
 def parse_args(argv=None):
-    p = cli.Parser(description=__doc__.split("\n")[0])
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="ckpt.pt or run directory from train.py (default: the latest run)")
     source.add_argument("--pretrained", help="the authors' weights, diffusers format (.safetensors, .bin, folder)")

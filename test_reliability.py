@@ -2,6 +2,7 @@
 at a time, outputs never replace files the programs did not write, numbers are written before pictures, image
 folders are read as meant, and absurd or damaged inputs are one line. Each test names the finding it covers."""
 import errno
+import importlib
 import json
 import os
 import signal
@@ -423,3 +424,11 @@ def test_a_run_on_a_folder_finds_it_from_anywhere():
     assert run_program(train.main, [*TINY, "--dataset", "imgs", "--image-size", "8", "--steps", "2", "--out", "r"]) == 0
     os.chdir("..")
     assert run_program(sample.main, ["--checkpoint", "here/r", "--n", "2", "--figures", "--amp", "off"]) == 0
+
+
+@pytest.mark.parametrize("program", ["train", "sample", "evaluate", "ablation", "bench"])
+def test_every_program_has_help_that_opens_with_its_own_docstring(program, capsys):
+    module = importlib.import_module(program)
+    assert run_program(module.main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert module.__doc__.split("\n")[0] in out and "usage:" in out  # train.py once showed config.py's line

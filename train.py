@@ -268,7 +268,7 @@ def compiled(r):
 
 
 def main(argv=None):
-    given, flags = parse_args(argv)
+    given, flags = parse_args(argv, __doc__)
     c, out, ckpt = settings(given, flags)
     if ckpt is not None and "device" not in given and c.device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{out} was trained on a GPU and this machine has none: pass --device cpu to continue it "
