@@ -42,6 +42,26 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def interleaved(calls, repeats, device, passes=1):
+    """Seconds per pass of each call, `repeats` times with the calls taking turns, so that background
+    load hits them all alike: {name: [seconds, ...]}."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(passes):
+                call()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / passes)
+    return times
+
+
+def inputs(config, batch, device):
+    """Random x_t and t for a network of this config."""
+    x = torch.randn(batch, config["in_channels"], config["image_size"], config["image_size"], device=device)
+    return x, torch.randint(1, config["T"] + 1, (batch,), device=device)
+
+
 def reset_peak_memory(device):
     gc.collect()
     if device.type == "cuda":
@@ -109,9 +129,7 @@ def bench_unet(args):
         if twin is not None:
             twin = twin.to(device).train()
             models["diffusers"] = (twin, lambda x, t: twin(x, t - 1).sample)  # diffusers: 0-based t
-        cfg = ours.config
-        x = torch.randn(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"], device=device)
-        t = torch.randint(1, cfg["T"] + 1, (batch,), device=device)
+        x, t = inputs(ours.config, batch, device)
         if args.channels_last:  # NHWC: usually faster on GPUs (cuDNN) and with AMP
             ours.to(memory_format=torch.channels_last)
             if twin is not None:
@@ -130,14 +148,8 @@ def bench_unet(args):
             memory[name] = (peak_memory_mb(device), peak_memory_mb(device) - before)
         # Enough passes per repeat that one repeat takes about half a second.
         passes = max(1, round(0.5 / ((time.perf_counter() - warm) / (2 * len(models)))))
-        times = {name: [] for name in models}
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                for _ in range(passes):
-                    fwd_bwd(*model, x, t, amp)
-                sync(device)
-                times[name].append((time.perf_counter() - start) / passes)
+        times = interleaved({name: lambda m=model: fwd_bwd(*m, x, t, amp) for name, model in models.items()},
+                            args.repeats, device, passes)
 
         params = sum(p.numel() for p in ours.parameters())
         print(f"{preset} ({params:,} parameters), batch {batch}:")
@@ -165,18 +177,13 @@ def bench_sample(args):
     torch.manual_seed(0)
     model, diffusion = unet.build(preset, T=T).to(device).eval(), Diffusion(linear_betas(T))
     x = torch.randn(batch, model.in_channels, model.image_size, model.image_size, device=device)
-    times = {"ddpm.generate": [], "network alone": []}
+
+    def network_alone():
+        for t in range(diffusion.T, 0, -1):
+            model(x, t)
     with torch.inference_mode():
-        for _ in range(max(1, args.repeats // 2)):
-            start = time.perf_counter()
-            generate(model, diffusion, batch)
-            sync(device)
-            times["ddpm.generate"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            for t in range(diffusion.T, 0, -1):
-                model(x, t)
-            sync(device)
-            times["network alone"].append(time.perf_counter() - start)
+        times = interleaved({"ddpm.generate": lambda: generate(model, diffusion, batch),
+                             "network alone": network_alone}, max(1, args.repeats // 2), device)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"  {k:16s} {v:8.2f} s  {batch * T / v:10,.0f} image-steps/s")
@@ -249,14 +256,8 @@ def bench_train(args):
     if not runs_:
         raise cli.UsageError(f"no training path could run on {device}")
     steps = max(1, round(0.5 / max(1e-3, min(first.values()) / 3)))  # about half a second per repeat
-    times = {name: [] for name in runs_}
-    for _ in range(args.repeats):
-        for name, r in runs_.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                train.train_step(r)
-            sync(device)
-            times[name].append((time.perf_counter() - start) / steps)
+    times = interleaved({name: lambda r=r: train.train_step(r) for name, r in runs_.items()}, args.repeats,
+                        device, steps)
     base = batch / statistics.median(times[next(iter(times))])  # float32 eager, or the first that ran
     peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
                 None)
@@ -298,11 +299,9 @@ def bench_modes(args):
         for p in model.parameters():
             if not p.any():
                 p.normal_(0, 0.02)
-    cfg = model.config
-    x = torch.randn(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"], device=device)
-    t = torch.randint(1, cfg["T"] + 1, (batch,), device=device)
+    x, t = inputs(model.config, batch, device)
     xs = torch.randn(4 * batch if preset == "digits" else batch, *x.shape[1:], device=device)
-    ts = torch.full((len(xs),), cfg["T"] // 2, device=device)
+    ts = torch.full((len(xs),), model.config["T"] // 2, device=device)
     compiled = torch.compile(model)
     modes = {"fp32 eager": (model, None), "bf16 eager": (model, torch.bfloat16),
              "fp32 compile": (compiled, None), "bf16 compile": (compiled, torch.bfloat16)}
@@ -322,15 +321,12 @@ def bench_modes(args):
     reference = sample_call(model, None)
     err = {name: ((sample_call(net, amp) - reference).abs().max() / reference.abs().max()).item()
            for name, (net, amp) in modes.items()}
-    times = {name: ([], []) for name in modes}
-    for _ in range(args.repeats):
-        for name, (net, amp) in modes.items():
-            for k, call in enumerate((lambda: fwd_bwd(net, net, x, t, amp), lambda: sample_call(net, amp))):
-                start = time.perf_counter()
-                for _ in range(3):
-                    call()
-                sync(device)
-                times[name][k].append((time.perf_counter() - start) / 3)
+    calls = {}
+    for name, (net, amp) in modes.items():  # in turn: each mode's training step, then its sampling call
+        calls[name, 0] = lambda net=net, amp=amp: fwd_bwd(net, net, x, t, amp)
+        calls[name, 1] = lambda net=net, amp=amp: sample_call(net, amp)
+    measured = interleaved(calls, args.repeats, device, passes=3)
+    times = {name: (measured[name, 0], measured[name, 1]) for name in modes}
     base = [statistics.median(v) for v in times["fp32 eager"]]
     print(f"  {'mode':13s} {'train step':>12s} {'ratio':>6s} {'sampling call':>14s} {'ratio':>6s} "
           f"{'first calls':>12s}  largest error of the output, relative to its largest value")
