@@ -90,6 +90,24 @@ class AttnBlock(nn.Module):
         return x + h
 
 
+def check_config(c):
+    """ValueError unless a UNet configuration (perhaps read from a file) can build a network."""
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "image_size", "T"):
+        if not whole(c[name]):
+            raise ValueError(f"{name}={c[name]!r} must be an integer >= 1")
+    if not c["ch_mult"] or not all(map(whole, c["ch_mult"])) or not all(map(whole, c["attn_resolutions"])):
+        raise ValueError(f"ch_mult={c['ch_mult']!r} and attn_resolutions={c['attn_resolutions']!r} must hold "
+                         f"integers >= 1")
+    if not 0 <= c["dropout"] < 1 or c["t_offset"] not in (0, 1):
+        raise ValueError(f"dropout={c['dropout']!r} must be in [0, 1) and t_offset={c['t_offset']!r} 0 or 1")
+    if c["ch"] % 32:
+        raise ValueError(f"ch={c['ch']} must be a multiple of 32 (GroupNorm uses 32 groups)")
+    if c["image_size"] % 2 ** (len(c["ch_mult"]) - 1):
+        raise ValueError(f"image_size={c['image_size']} must be divisible by 2**(len(ch_mult)-1) = "
+                         f"{2 ** (len(c['ch_mult']) - 1)}")
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t). Defaults are the paper's CIFAR10 model; see PRESETS for the others.
 
@@ -105,20 +123,8 @@ class UNet(nn.Module):
         self.config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=ch_mult,
                            attn_resolutions=attn_resolutions, num_res_blocks=num_res_blocks, dropout=dropout,
                            image_size=image_size, T=T, t_offset=t_offset)
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
-        for name, v in dict(in_channels=in_channels, out_channels=out_channels, ch=ch, num_res_blocks=num_res_blocks,
-                            image_size=image_size, T=T).items():  # e.g. read from a config.json
-            if not whole(v):
-                raise ValueError(f"{name}={v!r} must be an integer >= 1")
-        if not ch_mult or not all(map(whole, ch_mult)) or not all(map(whole, attn_resolutions)):
-            raise ValueError(f"ch_mult={ch_mult!r} and attn_resolutions={attn_resolutions!r} must hold integers >= 1")
-        if not 0 <= dropout < 1 or t_offset not in (0, 1):
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1) and t_offset={t_offset!r} 0 or 1")
-        if ch % 32:
-            raise ValueError(f"ch={ch} must be a multiple of 32 (GroupNorm uses 32 groups)")
+        check_config(self.config)
         n_down = len(ch_mult) - 1
-        if image_size % 2 ** n_down:
-            raise ValueError(f"image_size={image_size} must be divisible by 2**(len(ch_mult)-1) = {2 ** n_down}")
         # As in the authors' code, a level has attention iff its resolution is listed (others are ignored,
         # so overriding image_size keeps working).
         resolutions = [image_size // 2 ** i for i in range(len(ch_mult))]
